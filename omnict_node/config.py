@@ -1,0 +1,188 @@
+"""All configuration of the node, in one typed model.
+
+Sources, lowest precedence first: the defaults below (which need no servers: an SQLite file and an embedded
+Celery transport under one data folder), a TOML file (``omnict-node --config FILE``), then environment variables
+``OMNICT_<SECTION>__<FIELD>`` (for example ``OMNICT_DATABASE__URL`` or ``OMNICT_DICOM__PORT``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path(os.environ.get("OMNICT_DATA_DIR", "omnict-data"))
+
+
+class PeerSettings(BaseModel):
+    """One DICOM peer allowed to open associations (calling AE title + source address)."""
+
+    ae_title: str
+    host: str = Field(description="IP address the association must come from; '*' for any address.")
+
+
+class TlsSettings(BaseModel):
+    """DICOM TLS (PS3.15 B.1). Off unless ``enabled``; paths are PEM files."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = Field(None, description="CA bundle that peer certificates must chain to.")
+    require_peer_certificate: bool = True
+
+
+class DestinationSettings(BaseModel):
+    """A DICOM node results are sent to (C-STORE SCP)."""
+
+    ae_title: str
+    host: str
+    port: int
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+
+class DicomSettings(BaseModel):
+    """The node's DICOM application entity."""
+
+    ae_title: str = "OMNICT"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    max_pdu_bytes: int = Field(131072, description="Maximum PDU length we accept (dcmtk sends at most 128 KiB).")
+    allowed_peers: list[PeerSettings] = Field(
+        default_factory=list,
+        description="Calling AE + address allow-list; empty means any peer (a warning is logged at start).",
+    )
+    max_associations: int = 10
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    destinations: list[DestinationSettings] = Field(
+        default_factory=list,
+        description="Where results go; empty means back to the AE that sent the study (if known as a peer).",
+    )
+
+
+class StorageSettings(BaseModel):
+    """Where received instances live, and when the node stops accepting data."""
+
+    root: Path | None = Field(None, description="Instance store; default <data_dir>/storage.")
+    quarantine: Path | None = Field(None, description="Undecodable or conflicting instances; default <data_dir>/quarantine.")
+    min_free_bytes: int = Field(5 * 1024**3, description="Below this free space, C-STORE answers 0xA700.")
+    max_used_fraction: float = Field(0.95, description="Above this used fraction of the volume, C-STORE answers 0xA700.")
+    reject_associations_under_pressure: bool = True
+    fsync: bool = Field(True, description="fsync each file and its directory before success goes out. Never off in production.")
+
+
+class DatabaseSettings(BaseModel):
+    url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/omnict.db.")
+    echo: bool = False
+    registration_batch_max: int = Field(256, description="Most instance registrations committed in one transaction.")
+
+
+class CompletenessSettings(BaseModel):
+    """When a study counts as complete (timers are kept in the database, so they survive restarts)."""
+
+    series_quiet_s: float = Field(60.0, description="A series is stable after this long without a new instance.")
+    study_quiet_s: float = Field(180.0, description="A study is complete after this long without a new instance, "
+                                                     "and only when every series is stable.")
+    hard_limit_s: float = Field(5400.0, description="A study still receiving this long after its first instance is completed anyway.")
+    sweep_interval_s: float = 1.0
+
+
+class WorkerSettings(BaseModel):
+    broker_url: str | None = Field(None, description="Celery broker; default: embedded filesystem transport under <data_dir>/broker.")
+    concurrency: int = 1
+    embedded_worker: bool = Field(True, description="`omnict-node serve` starts a worker process itself.")
+    task_max_retries: int = 5
+    retry_backoff_s: float = 5.0
+
+
+class ModelSettings(BaseModel):
+    checkpoint: Path | None = Field(None, description="OmniCT checkpoint directory; default: the shipped demo checkpoint.")
+    device: str = "cpu"
+    segmentation_backend: str = Field("classical", description="'classical' (no weights) or 'totalsegmentator'.")
+    totalseg_weights: Path | None = Field(None, description="Local TotalSegmentator weights folder (never downloaded).")
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8042
+    enabled: bool = True
+
+
+class Settings(BaseSettings):
+    """The node's whole configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="OMNICT_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    log_level: str = "INFO"
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    completeness: CompletenessSettings = Field(default_factory=CompletenessSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the TOML file, which arrives as init kwargs (see load_settings).
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _fill_derived_paths(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser().absolute()
+        if self.storage.root is None:
+            self.storage.root = self.data_dir / "storage"
+        if self.storage.quarantine is None:
+            self.storage.quarantine = self.data_dir / "quarantine"
+        if self.database.url is None:
+            self.database.url = f"sqlite:///{self.data_dir / 'omnict.db'}"
+        if self.workers.broker_url is None:
+            self.workers.broker_url = "filesystem://"
+        return self
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the embedded filesystem broker (used when broker_url is ``filesystem://``)."""
+        return self.data_dir / "broker"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return str(self.workers.broker_url).startswith("filesystem://")
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings from an optional TOML file, ``OMNICT_*`` environment variables and explicit overrides.
+
+    ``OMNICT_CONFIG`` names the TOML file when ``config_file`` is not given.
+    """
+    config_file = config_file or os.environ.get("OMNICT_CONFIG")
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"configuration file not found: {path}")
+        values = tomllib.loads(path.read_text())
+    _deep_update(values, overrides)
+    return Settings(**values)
+
+
+def _deep_update(target: dict[str, Any], updates: dict[str, Any]) -> None:
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value

@@ -1,0 +1,132 @@
+"""``omnict-node serve``: the whole node in one command on the embedded defaults.
+
+Runs the storage SCP, the completeness sweeper (which dispatches complete studies to the pipeline) and, unless
+``workers.embedded_worker`` is off, a real Celery worker process that it restarts if it dies. Production deployments
+run the same pieces as separate containers (see docker-compose.yml): ``serve`` with ``embedded_worker = false`` plus
+``omnict-node worker -Q gpu`` / ``-Q cpu``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from omnict_node.cli import NodeContext, pass_node
+from omnict_node.config import Settings
+from omnict_node.logs import configure_logging, log_event
+
+log = logging.getLogger("omnict.node")
+
+
+class EmbeddedWorker:
+    """A supervised ``omnict-node worker`` child process (restarted if it exits unexpectedly)."""
+
+    def __init__(self, config_file: Path | None, settings: Settings) -> None:
+        self.config_file = config_file
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _command(self) -> list[str]:
+        command = [sys.executable, "-m", "omnict_node.cli"]
+        if self.config_file:
+            command += ["--config", str(self.config_file)]
+        return command + ["worker", "-Q", "cpu,gpu"]
+
+    def _environment(self) -> dict[str, str]:
+        # The child must see the same effective settings, including overrides made in code (tests, demo).
+        env = dict(os.environ)
+        env["OMNICT_DATA_DIR"] = str(self.settings.data_dir)
+        env["OMNICT_DATABASE__URL"] = str(self.settings.database.url)
+        env["OMNICT_WORKERS__BROKER_URL"] = str(self.settings.workers.broker_url)
+        env["OMNICT_STORAGE__ROOT"] = str(self.settings.storage.root)
+        return env
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen(self._command(), env=self._environment())
+        log_event(log, "worker.started", pid=self.process.pid)
+
+    def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            code = self.process.wait() if self.process else 0
+            if self._stopping.is_set():
+                return
+            log_event(log, "worker.exited", logging.WARNING, code=code)
+            self._stopping.wait(1.0)
+            if not self._stopping.is_set():
+                self._spawn()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+class Node:
+    """The running node: SCP + sweeper (+ embedded worker)."""
+
+    def __init__(self, settings: Settings, config_file: Path | None = None) -> None:
+        from db.migrate import ensure_schema
+        from db.session import make_engine, make_session_factory
+        from dicom_node.completeness import CompletenessSweeper
+        from dicom_node.scp import StorageSCP
+        from workers.celery_app import make_celery
+        from workers.tasks import dispatch_run
+
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_schema(settings.database.url)
+        self.engine = make_engine(settings.database.url)
+        self.session_factory = make_session_factory(self.engine)
+        self.celery = make_celery(settings)
+        self.scp = StorageSCP(settings, self.session_factory)
+        self.sweeper = CompletenessSweeper(settings.completeness, self.session_factory,
+                                           lambda run_id: dispatch_run(self.celery, run_id))
+        self.worker = EmbeddedWorker(config_file, settings) if settings.workers.embedded_worker else None
+
+    def start(self) -> None:
+        self.scp.start()
+        self.sweeper.start()
+        if self.worker:
+            self.worker.start()
+        log_event(log, "node.started", ae_title=self.settings.dicom.ae_title, port=self.settings.dicom.port,
+                  data_dir=self.settings.data_dir)
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.sweeper.stop()
+        if self.worker:
+            self.worker.stop()
+        self.engine.dispose()
+        log_event(log, "node.stopped")
+
+
+@click.command()
+@pass_node
+def serve(node: NodeContext) -> None:
+    """Run the node (SCP, completeness, pipeline worker) until stopped with Ctrl-C or SIGTERM."""
+    configure_logging(node.settings.log_level)
+    running = Node(node.settings, node.config_file)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    running.start()
+    stop.wait()
+    running.stop()

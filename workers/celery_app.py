@@ -1,0 +1,51 @@
+"""The Celery application: broker choice, queues and delivery guarantees.
+
+Embedded mode (default) uses kombu's filesystem transport under ``<data_dir>/broker`` — a real Celery worker
+process, no servers. Production uses Redis (``workers.broker_url = "redis://..."``).
+
+Guarantees are not left to the broker alone: the database is the record of every run's state, stages are
+idempotent, and the node re-dispatches runs that are complete but undispatched (see dicom_node.completeness).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from omnict_node.config import Settings
+
+CPU_QUEUE = "cpu"
+GPU_QUEUE = "gpu"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """Build the Celery app for ``settings``; the settings ride on the app as ``app.omnict_settings``."""
+    app = Celery("omnict", broker=settings.workers.broker_url, include=["workers.tasks"], set_as_current=True)
+    conf: dict = dict(
+        task_default_queue=CPU_QUEUE,
+        task_acks_late=True,  # a task is acknowledged only after it ran: a crashed worker's task is redelivered
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # one heavy model task per process at a time
+        task_ignore_result=True,  # results live in our database, not in a result backend
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    if settings.is_embedded_broker:
+        folder = settings.broker_dir
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_url"] = "filesystem://"
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    else:
+        # Redis redelivers an unacknowledged task after the visibility timeout (a worker killed mid-task).
+        conf["broker_transport_options"] = {"visibility_timeout": 3600}
+    app.conf.update(conf)
+    app.omnict_settings = settings  # type: ignore[attr-defined]
+    return app

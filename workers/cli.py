@@ -1,0 +1,47 @@
+"""``omnict-node worker`` (a Celery worker process) and ``omnict-node study`` (operator actions on studies)."""
+
+from __future__ import annotations
+
+import click
+
+from omnict_node.cli import NodeContext, pass_node
+
+
+@click.command()
+@click.option("--queues", "-Q", default="cpu,gpu", show_default=True, help="Queues to consume (gpu workers: 'gpu').")
+@click.option("--concurrency", "-c", type=int, default=None, help="Worker processes (default from config).")
+@click.option("--pool", default="solo", show_default=True,
+              help="'solo' keeps one process whose loaded model stays warm; 'prefork' for several CPU workers.")
+@pass_node
+def worker(node: NodeContext, queues: str, concurrency: int | None, pool: str) -> None:
+    """Run a Celery worker for the pipeline."""
+    from omnict_node.logs import configure_logging
+    from workers.celery_app import make_celery
+
+    configure_logging(node.settings.log_level)
+    app = make_celery(node.settings)
+    argv = ["worker", "-Q", queues, "--pool", pool, "--loglevel", node.settings.log_level,
+            "-c", str(concurrency or node.settings.workers.concurrency), "--without-gossip", "--without-mingle",
+            "--without-heartbeat", "-n", f"omnict-{queues.replace(',', '-')}@%h"]
+    app.worker_main(argv)
+
+
+@click.group()
+def study() -> None:
+    """Operator actions on one study."""
+
+
+@study.command("complete")
+@click.argument("study_instance_uid")
+@pass_node
+def complete(node: NodeContext, study_instance_uid: str) -> None:
+    """Declare a study complete now (its timers are skipped). The running node dispatches it within a second."""
+    from db.session import make_engine, make_session_factory, session_scope
+    from dicom_node.completeness import force_complete
+
+    factory = make_session_factory(make_engine(node.settings.database.url))
+    with session_scope(factory) as session:
+        run_id = force_complete(session, study_instance_uid)
+    if run_id is None:
+        raise click.ClickException(f"study {study_instance_uid} has no run that is still receiving")
+    click.echo(f"study {study_instance_uid}: run {run_id} complete (forced)")

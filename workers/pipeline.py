@@ -1,0 +1,210 @@
+"""The pipeline of a complete study, independent of Celery: assemble → segment → infer → report → deliver.
+
+Each stage
+* claims the run with a conditional state change (from the previous stage's state, or its own state when retried),
+  so a duplicate dispatch of the same run is a no-op and a redelivered task resumes where it was;
+* is idempotent: it writes its outputs to the run's work folder under fixed names and records them in
+  ``pipeline_runs.result``;
+* records every attempt (start, end, duration, outcome, error) as a ``run_stages`` row.
+
+Errors: :class:`PermanentStageError` (the data cannot be processed: no CT series, undecodable pixels) puts the run
+in FAILED with the reason; any other exception is transient and retried with backoff by the task layer, then
+FAILED when the retries are spent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import PipelineRun, RunState, StageRecord, Study, utcnow
+from db.session import make_engine, make_session_factory, session_scope
+from db.states import check_transition
+from omnict_node.config import Settings
+from omnict_node.logs import log_event
+
+log = logging.getLogger("omnict.pipeline")
+
+
+class PermanentStageError(Exception):
+    """The run cannot succeed by retrying (bad or unsupported input)."""
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: the run, its study, where to write, and earlier stages' results."""
+
+    run_id: int
+    run_number: int
+    study_instance_uid: str
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    work_dir: Path
+    results: dict[str, Any]
+    resources: "WorkerResources"
+
+
+StageFunction = Callable[[StageContext], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    state: RunState
+    queue: str  # "cpu" or "gpu"
+    function: StageFunction
+
+
+@dataclass
+class WorkerResources:
+    """Per-process state kept warm between tasks (database engine, loaded models)."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "WorkerResources":
+        return cls(settings, make_session_factory(make_engine(settings.database.url)))
+
+    def get_or_create(self, key: str, factory: Callable[[], Any]) -> Any:
+        """One instance per process (a model is loaded once and kept warm)."""
+        if key not in self.cache:
+            self.cache[key] = factory()
+        return self.cache[key]
+
+
+def run_work_dir(settings: Settings, study_instance_uid: str, run_number: int) -> Path:
+    return settings.data_dir / "work" / study_instance_uid / f"run-{run_number}"
+
+
+def _stages() -> list[Stage]:
+    from workers.stages import STAGES
+
+    return STAGES
+
+
+def stage_by_name(name: str) -> Stage:
+    for stage in _stages():
+        if stage.name == name:
+            return stage
+    raise KeyError(f"unknown pipeline stage: {name}")
+
+
+def first_stage() -> Stage:
+    return _stages()[0]
+
+
+def next_stage(stage: Stage) -> Stage | None:
+    stages = _stages()
+    index = stages.index(stage)
+    return stages[index + 1] if index + 1 < len(stages) else None
+
+
+def _state_before(stage: Stage) -> RunState:
+    stages = _stages()
+    index = stages.index(stage)
+    return RunState.COMPLETE if index == 0 else stages[index - 1].state
+
+
+def execute_stage(resources: WorkerResources, run_id: int, stage_name: str) -> Stage | None:
+    """Run one stage of one run. Returns the next stage to dispatch, or None (done, skipped or failed).
+
+    Raises any transient exception for the caller's retry policy.
+    """
+    stage = stage_by_name(stage_name)
+    claimed = _claim(resources, run_id, stage)
+    if claimed is None:
+        return None
+    context, record_id = claimed
+    started = time.monotonic()
+    try:
+        output = stage.function(context)
+    except PermanentStageError as exc:
+        _finish_attempt(resources.session_factory, record_id, started, "failed", str(exc))
+        fail_run(resources.session_factory, run_id, f"{stage.name}: {exc}")
+        return None
+    except Exception as exc:
+        _finish_attempt(resources.session_factory, record_id, started, "retry", f"{type(exc).__name__}: {exc}")
+        raise
+    _finish_attempt(resources.session_factory, record_id, started, "ok", None)
+    following = next_stage(stage)
+    with session_scope(resources.session_factory) as session:
+        run = session.get(PipelineRun, run_id)
+        run.result = {**(run.result or {}), stage.name: output}
+        if following is None and stage.state == RunState.DELIVERING:
+            check_transition(run.state, RunState.DELIVERED)
+            run.state = RunState.DELIVERED
+            run.finished_at = utcnow()
+    log_event(log, "pipeline.stage.done", run_id=run_id, stage=stage.name, seconds=time.monotonic() - started)
+    return following
+
+
+def _claim(resources: WorkerResources, run_id: int, stage: Stage) -> tuple[StageContext, int] | None:
+    """Move the run into ``stage.state`` (from the state before it, or already in it for a retry)."""
+    factory = resources.session_factory
+    allowed_from = {_state_before(stage), stage.state}
+    with session_scope(factory) as session:
+        changed = session.execute(
+            update(PipelineRun)
+            .where(PipelineRun.id == run_id, PipelineRun.state.in_(allowed_from))
+            .values(state=stage.state, updated_at=utcnow())
+        ).rowcount
+        if changed != 1:
+            state = session.scalar(select(PipelineRun.state).where(PipelineRun.id == run_id))
+            log_event(log, "pipeline.stage.skipped", run_id=run_id, stage=stage.name, state=getattr(state, "value", state))
+            return None
+        run = session.get(PipelineRun, run_id)
+        study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == run.study_id))
+        attempt = 1 + (session.scalar(
+            select(func.count(StageRecord.id)).where(StageRecord.run_id == run_id, StageRecord.stage == stage.name)
+        ) or 0)
+        record = StageRecord(run_id=run_id, stage=stage.name, attempt=attempt, worker=f"{socket.gethostname()}:{os.getpid()}")
+        session.add(record)
+        session.flush()
+        results = dict(run.result or {})
+        run_number = run.run_number
+        record_id = record.id
+    settings = resources.settings
+    context = StageContext(run_id, run_number, study_uid, settings, factory,
+                           run_work_dir(settings, study_uid, run_number), results, resources)
+    context.work_dir.mkdir(parents=True, exist_ok=True)
+    return context, record_id
+
+
+def _finish_attempt(factory: sessionmaker[Session], record_id: int, started: float, outcome: str, error: str | None) -> None:
+    with session_scope(factory) as session:
+        record = session.get(StageRecord, record_id)
+        record.finished_at = utcnow()
+        record.duration_s = time.monotonic() - started
+        record.outcome = outcome
+        record.error = error
+
+
+def fail_run(factory: sessionmaker[Session], run_id: int, reason: str) -> None:
+    """Put a run in FAILED with ``reason`` (visible in `omnict-node status`)."""
+    with session_scope(factory) as session:
+        run = session.get(PipelineRun, run_id)
+        if run.state in (RunState.DELIVERED, RunState.FAILED):
+            return
+        run.state = RunState.FAILED
+        run.error = reason[:4000]
+        run.finished_at = utcnow()
+    log_event(log, "pipeline.run.failed", logging.ERROR, run_id=run_id, reason=reason[:200])
+
+
+def seconds_since(moment: dt.datetime | None) -> float | None:
+    if moment is None:
+        return None
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+    return (utcnow() - moment).total_seconds()
