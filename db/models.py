@@ -223,3 +223,73 @@ class AuditEvent(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
     run_id: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[dict | None] = mapped_column(JSON)
+
+
+class Finding(Base):
+    """One answered question of a run's battery (written by the pipeline's infer stage)."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="CASCADE"), index=True)
+    question_id: Mapped[str] = mapped_column(String(64), doc="Identifier of the question in the protocol.")
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)
+    organ: Mapped[str | None] = mapped_column(String(64), doc="TotalSegmentator label name of the finding site.")
+    code_value: Mapped[str | None] = mapped_column(String(32))
+    code_scheme: Mapped[str | None] = mapped_column(String(16), doc="SCT | DCM | ...")
+    code_meaning: Mapped[str | None] = mapped_column(String(128))
+    positive: Mapped[bool | None] = mapped_column(Boolean, doc="For judgment questions: the finding is present.")
+    critical: Mapped[bool] = mapped_column(Boolean, default=False, doc="A critical finding (e.g. pneumothorax): STAT.")
+    urgency_weight: Mapped[float] = mapped_column(Float, default=0.0, doc="Protocol weight when the finding is present.")
+    key_slices: Mapped[list | None] = mapped_column(JSON, doc="Source slice indices the answer drew on, most relevant first.")
+    key_sop_instance_uids: Mapped[list | None] = mapped_column(JSON)
+
+
+class OrganMeasurement(Base):
+    """Per-organ measurements of a run (segmentation stage)."""
+
+    __tablename__ = "organ_measurements"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="CASCADE"), index=True)
+    organ: Mapped[str] = mapped_column(String(64))
+    volume_ml: Mapped[float] = mapped_column(Float)
+    mean_hu: Mapped[float] = mapped_column(Float)
+    std_hu: Mapped[float] = mapped_column(Float)
+
+
+class ResultObject(Base):
+    """A DICOM object the node generated for a run (SR, SEG, KOS), stored under the data folder."""
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32), doc="measurement_sr | findings_sr | narrative_sr | seg | kos")
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    path: Mapped[str] = mapped_column(Text, doc="Relative to the data folder.")
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class WorklistItem(Base):
+    """A study on the radiologists' worklist: its urgency and who is reading it."""
+
+    __tablename__ = "worklist_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="SET NULL"))
+    urgency_score: Mapped[float] = mapped_column(Float, default=0.0, doc="From the findings (protocol weights).")
+    stat: Mapped[bool] = mapped_column(Boolean, default=False, doc="A critical finding is present.")
+    requested_priority: Mapped[str | None] = mapped_column(String(16), doc="The order's DICOM priority (STAT/HIGH/ROUTINE/MEDIUM/LOW).")
+    ready_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True, doc="When results became available (aging starts).")
+    status: Mapped[str] = mapped_column(String(16), default="unread", index=True, doc="unread | claimed | completed")
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[dt.datetime | None] = mapped_column()
+    completed_at: Mapped[dt.datetime | None] = mapped_column()
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)

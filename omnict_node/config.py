@@ -12,20 +12,26 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path(os.environ.get("OMNICT_DATA_DIR", "omnict-data"))
 
 
-class PeerSettings(BaseModel):
+class Section(BaseModel):
+    """A configuration section: unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PeerSettings(Section):
     """One DICOM peer allowed to open associations (calling AE title + source address)."""
 
     ae_title: str
     host: str = Field(description="IP address the association must come from; '*' for any address.")
 
 
-class TlsSettings(BaseModel):
+class TlsSettings(Section):
     """DICOM TLS (PS3.15 B.1). Off unless ``enabled``; paths are PEM files."""
 
     enabled: bool = False
@@ -35,7 +41,7 @@ class TlsSettings(BaseModel):
     require_peer_certificate: bool = True
 
 
-class DestinationSettings(BaseModel):
+class DestinationSettings(Section):
     """A DICOM node results are sent to (C-STORE SCP)."""
 
     ae_title: str
@@ -44,7 +50,7 @@ class DestinationSettings(BaseModel):
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
 
-class DicomSettings(BaseModel):
+class DicomSettings(Section):
     """The node's DICOM application entity."""
 
     ae_title: str = "OMNICT"
@@ -66,7 +72,7 @@ class DicomSettings(BaseModel):
     )
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(Section):
     """Where received instances live, and when the node stops accepting data."""
 
     root: Path | None = Field(None, description="Instance store; default <data_dir>/storage.")
@@ -77,13 +83,13 @@ class StorageSettings(BaseModel):
     fsync: bool = Field(True, description="fsync each file and its directory before success goes out. Never off in production.")
 
 
-class DatabaseSettings(BaseModel):
+class DatabaseSettings(Section):
     url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/omnict.db.")
     echo: bool = False
     registration_batch_max: int = Field(256, description="Most instance registrations committed in one transaction.")
 
 
-class CompletenessSettings(BaseModel):
+class CompletenessSettings(Section):
     """When a study counts as complete (timers are kept in the database, so they survive restarts)."""
 
     series_quiet_s: float = Field(60.0, description="A series is stable after this long without a new instance.")
@@ -93,7 +99,7 @@ class CompletenessSettings(BaseModel):
     sweep_interval_s: float = 1.0
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(Section):
     broker_url: str | None = Field(None, description="Celery broker; default: embedded filesystem transport under <data_dir>/broker.")
     concurrency: int = 1
     embedded_worker: bool = Field(True, description="`omnict-node serve` starts a worker process itself.")
@@ -101,14 +107,14 @@ class WorkerSettings(BaseModel):
     retry_backoff_s: float = 5.0
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
     checkpoint: Path | None = Field(None, description="OmniCT checkpoint directory; default: the shipped demo checkpoint.")
     device: str = "cpu"
     segmentation_backend: str = Field("classical", description="'classical' (no weights) or 'totalsegmentator'.")
     totalseg_weights: Path | None = Field(None, description="Local TotalSegmentator weights folder (never downloaded).")
 
 
-class ApiSettings(BaseModel):
+class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = 8042
     enabled: bool = True

@@ -1,0 +1,58 @@
+"""Configuration: embedded defaults, TOML file, OMNICT_* environment overrides."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydantic import ValidationError
+
+from omnict_node.cli import main
+from omnict_node.config import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_need_no_servers(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMNICT_CONFIG", raising=False)
+    settings = load_settings(data_dir=str(tmp_path))
+    assert settings.database.url == f"sqlite:///{tmp_path / 'omnict.db'}"
+    assert settings.is_embedded_broker
+    assert settings.storage.root == tmp_path / "storage"
+
+
+def test_toml_file_then_environment_override(tmp_path, monkeypatch):
+    config = tmp_path / "node.toml"
+    config.write_text('[dicom]\nae_title = "FROMFILE"\nport = 4242\n[completeness]\nstudy_quiet_s = 7\n')
+    monkeypatch.setenv("OMNICT_DICOM__PORT", "5151")
+    settings = load_settings(config, data_dir=str(tmp_path))
+    assert settings.dicom.ae_title == "FROMFILE"
+    assert settings.dicom.port == 5151  # the environment wins over the file
+    assert settings.completeness.study_quiet_s == 7
+
+
+def test_shipped_production_example_is_valid(monkeypatch):
+    settings = load_settings(REPO / "deploy" / "omnict.toml")
+    assert settings.dicom.allowed_peers[0].ae_title == "PACS"
+    assert settings.model.segmentation_backend == "totalsegmentator"
+
+
+def test_unknown_keys_are_rejected(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("[dicom]\nae_tittle = 'TYPO'\n")
+    with pytest.raises(ValidationError):
+        load_settings(config)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="configuration file not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_db_upgrade_command_migrates_the_configured_database(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMNICT_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    from db.migrate import head_revision
+
+    assert f"database at revision {head_revision()}" in result.output
+    assert (tmp_path / "omnict.db").exists()
