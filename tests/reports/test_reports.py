@@ -1,0 +1,380 @@
+"""The result objects, checked by the real validators (dciodvfy, dsrdump, dsr2html) and by reading them back."""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from reports import (
+    AlgorithmInfo,
+    ObjectKind,
+    OrganMeasurement,
+    ReportInputError,
+    ResultObjects,
+    RunIdentity,
+    SourceSeries,
+    VqaAnswer,
+    build_key_object_selection,
+    build_result_objects,
+    build_segmentation,
+    coding,
+)
+from reports.narrative import render_narrative, split_sections
+from reports.uids import derive_uid
+from tests.reports import dicom_tools
+from tests.reports.synthetic_ct import SyntheticCt, build_synthetic_ct
+
+ALGORITHM = AlgorithmInfo("OmniCT-7B", "0.3.1", {"slices": "8", "precision": "bf16"}, source="omnict.safetensors")
+SEG_ALGORITHM = AlgorithmInfo("TotalSegmentator", "2.18.0", {"task": "total", "fast": "true"})
+CREATED = datetime(2026, 11, 22, 10, 30, tzinfo=UTC)
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def make_answers(source: SourceSeries) -> list[VqaAnswer]:
+    return [
+        VqaAnswer(
+            question="Is there a pleural effusion?",
+            answer="Yes, a small right-sided pleural effusion is present.",
+            coded_answer=coding.PRESENT,
+            finding=coding.FINDINGS["pleural_effusion"],
+            finding_site="lung_right",
+            key_images=(5, 6),
+            urgency="urgent",
+        ),
+        VqaAnswer(
+            question="Describe the liver.",
+            answer="The liver has homogeneous attenuation – no focal lesion ≥ 5 mm.",  # non-Latin-1 on purpose
+            finding_site="liver",
+            key_images=(source.sop_instance_uids[3],),
+        ),
+        VqaAnswer(
+            question="Is there ascites?",
+            answer="No ascites.",
+            coded_answer=coding.ABSENT,
+            finding=coding.FINDINGS["ascites"],
+        ),
+    ]
+
+
+@dataclass
+class Built:
+    ct: SyntheticCt
+    run: RunIdentity
+    answers: list[VqaAnswer]
+    objects: ResultObjects
+    files: dict[str, Path]  # key -> written file
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    root = tmp_path_factory.mktemp("reports")
+    ct = build_synthetic_ct(root / "ct")
+    source = SourceSeries.from_files(ct.files)  # headers only, as the pipeline would pass them
+    run = RunIdentity(source.study_instance_uid, "run-0001", CREATED)
+    answers = make_answers(source)
+    objects = build_result_objects(
+        source, ct.label_map, ct.organs, answers, ALGORITHM, run, segmentation_algorithm=SEG_ALGORITHM
+    )
+    named = {
+        "seg": objects.segmentation.dataset,
+        "measurements": objects.measurement_report,
+        "findings": objects.findings_report,
+        "narrative": objects.narrative_report,
+        "kos": objects.key_objects,
+    }
+    files = {}
+    for name, dataset in named.items():
+        files[name] = root / "out" / f"{name}.dcm"
+        files[name].parent.mkdir(exist_ok=True)
+        dataset.save_as(files[name], enforce_file_format=True)
+    return Built(ct, run, answers, objects, files)
+
+
+def read(built: Built, name: str) -> pydicom.Dataset:
+    return pydicom.dcmread(built.files[name])
+
+
+# --- Validators ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["seg", "measurements", "findings", "narrative", "kos"])
+def test_dciodvfy_reports_no_errors(built: Built, name: str) -> None:
+    verdict = dicom_tools.dciodvfy(built.files[name])
+    assert verdict.errors == [], verdict.output
+    assert verdict.unexpected_warnings == [], verdict.output
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "measurements",
+            ['(112039,DCM,"Tracking Identifier")="liver"', '(118565006,SCT,"Volume")', "(cm3,UCUM", "Hounsfield unit"],
+        ),
+        (
+            "findings",
+            [
+                '(VQA-QUESTION,99OMNICT,"Question")="Is there a pleural effusion?"',
+                '="Yes, a small right-sided pleural effusion is present."',
+                '(60046008,SCT,"Pleural effusion")=(52101004,SCT,"Present")',
+                '(260870009,SCT,"Priority")=(103391001,SCT,"Urgent")',
+                '(389026000,SCT,"Ascites")=(272519000,SCT,"Absent")',
+            ],
+        ),
+        ("narrative", ['(59776-5,LN,"Findings")', '(19005-8,LN,"Impressions")', "URGENT: Yes, a small right-sided"]),
+        ("kos", ['(113000,DCM,"Of Interest")', "Images selected by OmniCT-7B 0.3.1"]),
+    ],
+)
+def test_dsrdump_and_dsr2html_render_the_content(built: Built, name: str, expected: list[str], tmp_path: Path) -> None:
+    dump = dicom_tools.dsrdump(built.files[name])
+    assert dump.returncode == 0, dump.stderr
+    for text in expected:
+        assert text in dump.stdout, f"{text!r} missing from dsrdump output:\n{dump.stdout}"
+    html = tmp_path / f"{name}.html"
+    rendered = dicom_tools.dsr2html(built.files[name], html)
+    assert rendered.returncode == 0, rendered.stderr
+    page = html.read_text(errors="replace")
+    assert "<html" in page.lower() and len(page) > 1000
+
+
+# --- Structure -------------------------------------------------------------------------------------------------
+
+
+def test_every_measurement_group_has_tracking_identifier_and_uid(built: Built) -> None:
+    for name in ("measurements", "findings"):
+        items = dicom_tools.content_items(read(built, name))
+        groups = [i for i in items if dicom_tools.concept(i) == ("125007", "DCM")]
+        assert groups, name
+        for group in groups:
+            identifiers = dicom_tools.children(group, "112039", "DCM")
+            uids = dicom_tools.children(group, "112040", "DCM")
+            assert len(identifiers) == 1 and identifiers[0].TextValue, name
+            assert len(uids) == 1 and UID_PATTERN.match(uids[0].UID), name
+
+
+def test_measurements_round_trip_and_reference_their_segment(built: Built) -> None:
+    seg = read(built, "seg")
+    sr = read(built, "measurements")
+    groups = [i for i in dicom_tools.content_items(sr) if dicom_tools.concept(i) == ("125007", "DCM")]
+    by_label = {dicom_tools.children(g, "112039", "DCM")[0].TextValue: g for g in groups}
+    assert set(by_label) == {o.label_name for o in built.ct.organs}
+    source_uids = set(built.ct.source.sop_instance_uids)
+    for organ in built.ct.organs:
+        group = by_label[organ.label_name]
+        numbers = {}
+        for item in dicom_tools.children(group, "112031", "DCM") + dicom_tools.children(group, "118565006", "SCT"):
+            value = float(item.MeasuredValueSequence[0].NumericValue)
+            unit = item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
+            derivation = dicom_tools.children(item, "121401", "DCM")
+            key = derivation[0].ConceptCodeSequence[0].CodeMeaning if derivation else "Volume"
+            numbers[key] = (value, unit)
+        assert numbers["Volume"][0] == pytest.approx(organ.volume_ml, rel=1e-9)
+        assert numbers["Volume"][1] == "cm3"
+        assert numbers["Mean"] == (pytest.approx(organ.mean_hu, rel=1e-9), "[hnsf'U]")
+        assert numbers["Standard Deviation"] == (pytest.approx(organ.std_hu, rel=1e-9), "[hnsf'U]")
+        segment_ref = dicom_tools.children(group, "121191", "DCM")[0].ReferencedSOPSequence[0]
+        assert segment_ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        segment_number = built.objects.segmentation.segment_numbers[organ.label_name]
+        assert segment_ref.ReferencedSegmentNumber == segment_number
+        assert seg.SegmentSequence[segment_number - 1].SegmentLabel == organ.label_name
+        # Tracking UID of the group == Tracking UID of the segment: viewers can join the two objects
+        tracking = dicom_tools.children(group, "112040", "DCM")[0].UID
+        assert seg.SegmentSequence[segment_number - 1].TrackingUID == tracking
+        images = dicom_tools.children(group, "121233", "DCM")  # Source Image for Segmentation
+        assert images and {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images} <= source_uids
+
+
+def test_segmentation_masks_round_trip(built: Built) -> None:
+    seg = hd.seg.segread(built.files["seg"])
+    source = built.ct.source
+    assert seg.SegmentationType == "BINARY"
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(source.sop_instance_uids),
+        segment_numbers=[1, 2, 3],
+        combine_segments=True,
+        skip_overlap_checks=True,
+    )
+    expected = np.zeros(source.shape, dtype=np.uint8)
+    for organ in built.ct.organs:
+        expected[built.ct.label_map == organ.label_value] = built.objects.segmentation.segment_numbers[organ.label_name]
+    np.testing.assert_array_equal(pixels, expected)
+    item = seg.SegmentSequence[1]  # kidney_left: laterality as Segmented Property Type Modifier
+    assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == "64033007"
+    assert item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "7771000"
+    algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("TotalSegmentator", "2.18.0")
+    assert "task=total" in algorithm.AlgorithmParameters
+
+
+def test_key_image_references_point_at_real_source_images(built: Built) -> None:
+    source = built.ct.source
+    findings = read(built, "findings")
+    groups = [i for i in dicom_tools.content_items(findings) if dicom_tools.concept(i) == ("125007", "DCM")]
+    for group, answer in zip(groups, built.answers, strict=True):
+        assert dicom_tools.children(group, "121071", "DCM")[-1].TextValue == answer.answer  # verbatim, any script
+        images = dicom_tools.children(group, "121112", "DCM")  # Source of Measurement
+        referenced = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images}
+        assert referenced == {source.dataset_for(ref).SOPInstanceUID for ref in answer.key_images}
+    kos = read(built, "kos")
+    kos_images = [i for i in dicom_tools.content_items(kos) if i.ValueType == "IMAGE"]
+    expected = {source.sop_instance_uids[i] for i in (3, 5, 6)}
+    assert {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in kos_images} == expected
+    evidence = kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    listed = {ref.ReferencedSOPInstanceUID for series in evidence for ref in series.ReferencedSOPSequence}
+    assert expected <= listed and findings.SOPInstanceUID in listed
+
+
+def test_all_objects_sit_in_the_source_study_in_new_series(built: Built) -> None:
+    source = built.ct.source.first
+    objects = [read(built, name) for name in built.files]
+    for ds in objects:
+        for keyword in ("StudyInstanceUID", "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"):
+            assert ds[keyword].value == source[keyword].value, (ds.Modality, keyword)
+        assert str(ds.PatientName) == "Müller^Jörg" and ds.SpecificCharacterSet == "ISO_IR 192"
+        assert ds.Manufacturer == "OmniCT node"
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        assert any("omnict-node" in v for v in ds.SoftwareVersions)
+        assert (ds.ContentDate, ds.ContentTime) == ("20261122", "103000")
+    assert len({ds.SeriesInstanceUID for ds in objects}) == len(objects)
+    assert sorted(int(ds.SeriesNumber) for ds in objects) == [k.series_number for k in ObjectKind]
+    for ds in objects[1:4]:  # the SRs: an algorithm's draft
+        assert (ds.CompletionFlag, ds.VerificationFlag) == ("PARTIAL", "UNVERIFIED")
+
+
+def test_srs_carry_algorithm_identification(built: Built) -> None:
+    for name, algorithm in (("measurements", SEG_ALGORITHM), ("findings", ALGORITHM), ("narrative", ALGORITHM)):
+        items = list(dicom_tools.content_items(read(built, name)))
+        names = {i.TextValue for i in items if dicom_tools.concept(i) == ("111001", "DCM")}
+        versions = {i.TextValue for i in items if dicom_tools.concept(i) == ("111003", "DCM")}
+        parameters = {i.TextValue for i in items if dicom_tools.concept(i) == ("111002", "DCM")}
+        assert names == {algorithm.name} and versions == {algorithm.version}, name
+        assert parameters == set(algorithm.parameter_strings()), name
+        observer = {i.TextValue for i in items if dicom_tools.concept(i) == ("121013", "DCM")}
+        assert observer == {algorithm.name}, name
+
+
+# --- Determinism -----------------------------------------------------------------------------------------------
+
+
+def test_same_run_gives_identical_uids_and_another_run_new_ones(built: Built) -> None:
+    ct, answers = built.ct, built.answers
+    again = build_result_objects(
+        ct.source, ct.label_map, ct.organs, answers, ALGORITHM, built.run, segmentation_algorithm=SEG_ALGORITHM
+    )
+    other = build_result_objects(
+        ct.source,
+        ct.label_map,
+        ct.organs,
+        answers,
+        ALGORITHM,
+        replace(built.run, run_id="run-0002"),
+        segmentation_algorithm=SEG_ALGORITHM,
+    )
+    written = [built.files[name] for name in ("seg", "measurements", "findings", "narrative", "kos")]
+    for first, second, third, path in zip(
+        built.objects.datasets(), again.datasets(), other.datasets(), written, strict=True
+    ):
+        assert dicom_tools.all_uid_values(first) == dicom_tools.all_uid_values(second)
+        encoded = io.BytesIO()
+        second.save_as(encoded, enforce_file_format=True)
+        assert encoded.getvalue() == path.read_bytes(), f"{first.Modality}: same run, different bytes"
+        assert second.SOPInstanceUID == first.SOPInstanceUID and second.SeriesInstanceUID == first.SeriesInstanceUID
+        assert third.SOPInstanceUID != first.SOPInstanceUID
+        assert third.SeriesInstanceUID != first.SeriesInstanceUID
+        assert third.StudyInstanceUID == first.StudyInstanceUID
+    first_uids = {ds.SOPInstanceUID for ds in built.objects.datasets()}
+    assert first_uids.isdisjoint({ds.SOPInstanceUID for ds in other.datasets()})
+
+
+def test_derived_uids_are_valid_with_and_without_an_org_root(built: Built) -> None:
+    plain = derive_uid(built.run, "seg", "instance")
+    assert plain.startswith("2.25.") and len(plain) <= 64 and UID_PATTERN.match(plain)
+    rooted_run = replace(built.run, uid_root="1.2.826.0.1.3680043.10.999")
+    rooted = derive_uid(rooted_run, "seg", "instance")
+    assert rooted.startswith("1.2.826.0.1.3680043.10.999.") and len(rooted) <= 64 and UID_PATTERN.match(rooted)
+    assert rooted != derive_uid(rooted_run, "seg", "series")
+    with pytest.raises(ValueError, match="too long"):
+        derive_uid(replace(built.run, uid_root="1." * 30), "seg")
+
+
+# --- Narrative ---------------------------------------------------------------------------------------------------
+
+
+def test_narrative_renders_measurements_and_flags_positive_answers(built: Built) -> None:
+    text = render_narrative(built.ct.organs, built.answers, ALGORITHM)
+    sections = split_sections(text)
+    liver = next(o for o in built.ct.organs if o.label_name == "liver")
+    assert f"Liver: volume {liver.volume_ml:.1f} ml" in sections.findings[0]
+    assert any(s.startswith("URGENT: Yes, a small right-sided") for s in sections.impressions)
+    assert not any("No ascites" in s for s in sections.impressions)  # coded Absent stays out of the impression
+    assert "not reviewed by a radiologist" in sections.impressions[-1]
+    assert built.objects.narrative_text == text
+
+
+def test_narrative_without_sections_is_refused() -> None:
+    with pytest.raises(ReportInputError, match="before the first heading"):
+        split_sections("Liver normal.\nFINDINGS\n- x\nIMPRESSION\n- y\n")
+    with pytest.raises(ReportInputError, match="at least one"):
+        split_sections("FINDINGS\n- x\nIMPRESSION\n")
+
+
+# --- Bad input ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_get_clear_errors(built: Built) -> None:
+    ct, run = built.ct, built.run
+    with pytest.raises(ReportInputError, match="label map shape"):
+        build_segmentation(ct.source, ct.label_map[:-1], ct.organs, ALGORITHM, run)
+    with pytest.raises(ReportInputError, match="without voxels"):
+        missing = OrganMeasurement("pancreas", 9, 1.0, 40.0, 5.0)
+        build_segmentation(ct.source, ct.label_map, [*ct.organs, missing], ALGORITHM, run)
+    with pytest.raises(KeyError, match="no SNOMED CT coding"):
+        unknown = OrganMeasurement("left_thing", 5, 1.0, 40.0, 5.0)
+        build_segmentation(ct.source, ct.label_map, [unknown], ALGORITHM, run)
+    with pytest.raises(ReportInputError, match="study"):
+        build_segmentation(ct.source, ct.label_map, ct.organs, ALGORITHM, replace(run, study_instance_uid="1.2.3"))
+    with pytest.raises(ReportInputError, match="slice index 99"):
+        build_key_object_selection(ct.source, [99], ALGORITHM, run)
+    with pytest.raises(ReportInputError, match="not in the source series"):
+        build_key_object_selection(ct.source, ["1.2.3.4"], ALGORITHM, run)
+    with pytest.raises(ValueError, match="unknown urgency"):
+        _ = VqaAnswer("q", "a", urgency="whenever").urgency_level
+
+
+def test_source_series_repairs_blank_ct_sop_class_and_refuses_blank_study(tmp_path: Path) -> None:
+    datasets = [pydicom.dcmread(p) for p in build_synthetic_ct(tmp_path / "ct").files]
+    for ds in datasets:
+        ds.SOPClassUID = ""
+    source = SourceSeries.from_datasets(datasets)
+    assert source.sop_class_uid == pydicom.uid.CTImageStorage
+    # sorted along the slice normal whatever the input order
+    positions = [float(ds.ImagePositionPatient[2]) for ds in source.datasets]
+    assert positions == sorted(positions)
+    datasets[0].StudyInstanceUID = ""
+    with pytest.raises(ReportInputError, match="StudyInstanceUID"):
+        SourceSeries.from_datasets(datasets)
+
+
+# --- Codes ----------------------------------------------------------------------------------------------------
+
+
+def test_codes_fit_their_value_representations() -> None:
+    every = [*coding.FINDINGS.values(), *(u.value for u in coding.Urgency), coding.QUESTION, coding.PRIORITY]
+    for organ in coding.organ_table().values():
+        every += [organ.category, organ.property_type, *([organ.laterality] if organ.laterality else [])]
+    for code in every:
+        assert 0 < len(code.value) <= 16 and 0 < len(code.meaning) <= 64, code  # SH / LO
+    categories = {o.category.value for o in coding.organ_table().values()}
+    cid7150 = {c.value for c in codes.cid7150.concepts.values()}
+    assert categories <= cid7150 | {"260787004"}  # + "Physical object" (hip implant), not in CID 7150
+    assert coding.organ_coding("kidney_left").label == "Kidney, Left"
+    assert coding.finding_code("Pleural effusion") == coding.FINDINGS["pleural_effusion"]
