@@ -72,6 +72,3 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
 
 
 pass_node = click.make_pass_decorator(NodeContext)
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

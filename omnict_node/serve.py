@@ -36,7 +36,7 @@ class EmbeddedWorker:
         self._thread: threading.Thread | None = None
 
     def _command(self) -> list[str]:
-        command = [sys.executable, "-m", "omnict_node.cli"]
+        command = [sys.executable, "-m", "omnict_node"]
         if self.config_file:
             command += ["--config", str(self.config_file)]
         return command + ["worker", "-Q", "cpu,gpu"]

@@ -57,6 +57,7 @@ def settings(tmp_path: Path, database_url: str):
         dicom={"port": services.free_port()},
         storage={"min_free_bytes": 1024**2},
         completeness={"series_quiet_s": 0.5, "study_quiet_s": 1.0, "hard_limit_s": 120.0, "sweep_interval_s": 0.1},
+        workers={"retry_backoff_s": 0.5},
     )
 
 

@@ -23,7 +23,7 @@ def worker_resources(app) -> WorkerResources:
     return resources
 
 
-@shared_task(bind=True, name=RUN_STAGE, acks_late=True, reject_on_worker_lost=True)
+@shared_task(bind=True, name=RUN_STAGE, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def run_stage(self, run_id: int, stage_name: str) -> None:
     resources = worker_resources(self.app)
     settings = resources.settings.workers

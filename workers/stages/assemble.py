@@ -42,35 +42,35 @@ def study_files_by_series(context: StageContext) -> dict[str, list[Path]]:
 
 
 def assemble(context: StageContext) -> dict:
-    from omnict_core.io.dicom_series import SeriesSelectionError, VolumeError, load_volume, select_ct_series
+    from omnict_core.io.dicom_series import DicomSeriesError, load_volume, select_ct_series
 
     files = study_files_by_series(context)
     if not files:
         raise PermanentStageError("the study has no stored instances")
+    choice = select_ct_series(files)
+    if not choice.ok:
+        raise PermanentStageError(f"no CT series to analyse: {choice.reason}")
     try:
-        choice = select_ct_series(files)
-    except SeriesSelectionError as exc:
-        raise PermanentStageError(f"no CT series to analyse: {exc}") from exc
-    try:
-        volume = load_volume(files[choice.series_instance_uid])
-    except VolumeError as exc:
-        raise PermanentStageError(f"cannot build a volume from series {choice.series_instance_uid}: {exc}") from exc
+        volume = load_volume(choice.instances)
+    except DicomSeriesError as exc:
+        raise PermanentStageError(f"cannot build a volume from series {choice.series_uid}: {exc}") from exc
 
     out = context.work_dir / VOLUME_FILE
     tmp = out.with_suffix(".tmp.npz")
     np.savez(tmp, hu=volume.hu, affine=volume.affine, spacing=np.asarray(volume.spacing))
     tmp.replace(out)  # idempotent: a retried stage overwrites the same file
-    problems = [str(p) for p in volume.report.problems] if hasattr(volume.report, "problems") else list(volume.report)
-    log_event(log, "pipeline.assemble.volume", run_id=context.run_id, series_uid=choice.series_instance_uid,
+    problems = [{"kind": p.kind, "detail": p.detail, "count": p.count} for p in volume.report.problems]
+    log_event(log, "pipeline.assemble.volume", run_id=context.run_id, series_uid=choice.series_uid,
               shape="x".join(map(str, volume.hu.shape)), problems=len(problems))
     return {
-        "series_instance_uid": choice.series_instance_uid,
+        "series_instance_uid": choice.series_uid,
         "selection_reason": choice.reason,
-        "rejected_series": {uid: reason for uid, reason in choice.rejected.items()},
+        "rejected_series": {r.series_uid: r.reason for r in choice.rejected},
         "shape_zyx": list(volume.hu.shape),
         "spacing_zyx_mm": [float(v) for v in volume.spacing],
         "affine": np.asarray(volume.affine).tolist(),
         "sop_instance_uids": list(volume.sop_instance_uids),
         "problems": problems,
+        "resampled": volume.report.resampled,
         "volume_path": str(out.relative_to(context.settings.data_dir)),
     }
