@@ -20,7 +20,8 @@ def worker(node: NodeContext, queues: str, concurrency: int | None, pool: str) -
 
     configure_logging(node.settings.log_level)
     app = make_celery(node.settings)
-    argv = ["worker", "-Q", queues, "--pool", pool, "--loglevel", node.settings.log_level,
+    quiet = ["--quiet"] if node.settings.log_level.upper() in ("WARNING", "ERROR", "CRITICAL") else []
+    argv = [*quiet, "worker", "-Q", queues, "--pool", pool, "--loglevel", node.settings.log_level,
             "-c", str(concurrency or node.settings.workers.concurrency), "--without-gossip", "--without-mingle",
             "--without-heartbeat", "-n", f"omnict-{queues.replace(',', '-')}@%h"]
     app.worker_main(argv)
