@@ -1,10 +1,15 @@
 """The pipeline's stages, in order. Each module holds one stage function ``(StageContext) -> dict``."""
 
 from db.models import RunState
-from workers.celery_app import CPU_QUEUE, GPU_QUEUE  # noqa: F401  (GPU_QUEUE used as stages land)
+from workers.celery_app import CPU_QUEUE, GPU_QUEUE
 from workers.pipeline import Stage
 from workers.stages.assemble import assemble
+from workers.stages.report import report
+from workers.stages.segment import segment
 
 STAGES: list[Stage] = [
     Stage("assemble", RunState.ASSEMBLING, CPU_QUEUE, assemble),
+    Stage("segment", RunState.SEGMENTING, GPU_QUEUE, segment),
+    # infer (gpu) lands here
+    Stage("report", RunState.REPORTING, CPU_QUEUE, report),
 ]

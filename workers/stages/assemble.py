@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,20 @@ def study_files_by_series(context: StageContext) -> dict[str, list[Path]]:
     return dict(grouped)
 
 
+@dataclass(frozen=True)
+class AssembledVolume:
+    hu: np.ndarray  # (z, y, x) float32 HU, slices ascending along the slice normal
+    spacing: tuple[float, float, float]  # (dz, dy, dx) mm
+    affine: np.ndarray  # 4x4, (i, j, k, 1) -> patient LPS mm
+    direction: np.ndarray  # 3x3, columns: LPS directions of the x, y and slice indices
+
+
+def load_assembled_volume(context: StageContext) -> AssembledVolume:
+    """The volume the assemble stage wrote for this run."""
+    with np.load(context.work_dir / VOLUME_FILE) as data:
+        return AssembledVolume(data["hu"], tuple(float(v) for v in data["spacing"]), data["affine"], data["direction"])
+
+
 def assemble(context: StageContext) -> dict:
     from omnict_core.io.dicom_series import DicomSeriesError, load_volume, select_ct_series
 
@@ -57,7 +72,8 @@ def assemble(context: StageContext) -> dict:
 
     out = context.work_dir / VOLUME_FILE
     tmp = out.with_suffix(".tmp.npz")
-    np.savez(tmp, hu=volume.hu, affine=volume.affine, spacing=np.asarray(volume.spacing))
+    np.savez(tmp, hu=volume.hu.astype(np.float32), affine=volume.affine, direction=volume.direction,
+             spacing=np.asarray(volume.spacing))
     tmp.replace(out)  # idempotent: a retried stage overwrites the same file
     problems = [{"kind": p.kind, "detail": p.detail, "count": p.count} for p in volume.report.problems]
     log_event(log, "pipeline.assemble.volume", run_id=context.run_id, series_uid=choice.series_uid,
@@ -72,5 +88,6 @@ def assemble(context: StageContext) -> dict:
         "sop_instance_uids": list(volume.sop_instance_uids),
         "problems": problems,
         "resampled": volume.report.resampled,
+        "source_positions_mm": [float(z) for z in volume.report.slice_positions_mm],
         "volume_path": str(out.relative_to(context.settings.data_dir)),
     }
