@@ -24,13 +24,6 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class PeerSettings(Section):
-    """One DICOM peer allowed to open associations (calling AE title + source address)."""
-
-    ae_title: str
-    host: str = Field(description="IP address the association must come from; '*' for any address.")
-
-
 class TlsSettings(Section):
     """DICOM TLS (PS3.15 B.1). Off unless ``enabled``; paths are PEM files."""
 
@@ -39,6 +32,16 @@ class TlsSettings(Section):
     private_key: Path | None = None
     ca_certificates: Path | None = Field(None, description="CA bundle that peer certificates must chain to.")
     require_peer_certificate: bool = True
+
+
+class PeerSettings(Section):
+    """One DICOM peer allowed to open associations (calling AE title + source address)."""
+
+    ae_title: str
+    host: str = Field(description="IP address the association must come from; '*' for any address.")
+    port: int | None = Field(None, description="The peer's own SCP port: a C-MOVE destination, and where results go "
+                                               "when this peer sent the study and no destinations are configured.")
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
 
 class DestinationSettings(Section):
@@ -105,6 +108,8 @@ class WorkerSettings(Section):
     embedded_worker: bool = Field(True, description="`omnict-node serve` starts a worker process itself.")
     task_max_retries: int = 5
     retry_backoff_s: float = 5.0
+    stall_timeout_s: float = Field(120.0, ge=20.0, description="A stage whose worker sent no heartbeat (every 5 s) for this "
+                                                               "long is run again (its worker died).")
 
 
 class ModelSettings(Section):

@@ -81,7 +81,7 @@ class EmbeddedWorker:
 
 
 class Node:
-    """The running node: SCP + sweeper (+ embedded worker)."""
+    """The running node: SCP + completeness sweeper + stall watchdog (+ embedded worker)."""
 
     def __init__(self, settings: Settings, config_file: Path | None = None) -> None:
         from db.migrate import ensure_schema
@@ -89,7 +89,8 @@ class Node:
         from dicom_node.completeness import CompletenessSweeper
         from dicom_node.scp import StorageSCP
         from workers.celery_app import make_celery
-        from workers.tasks import dispatch_run
+        from workers.tasks import dispatch_run, dispatch_stage
+        from workers.watchdog import StallWatchdog
 
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -100,11 +101,14 @@ class Node:
         self.scp = StorageSCP(settings, self.session_factory)
         self.sweeper = CompletenessSweeper(settings.completeness, self.session_factory,
                                            lambda run_id: dispatch_run(self.celery, run_id))
+        self.watchdog = StallWatchdog(self.session_factory, settings.workers.stall_timeout_s,
+                                      lambda run_id, stage: dispatch_stage(self.celery, run_id, stage.name, stage.queue))
         self.worker = EmbeddedWorker(config_file, settings) if settings.workers.embedded_worker else None
 
     def start(self) -> None:
         self.scp.start()
         self.sweeper.start()
+        self.watchdog.start()
         if self.worker:
             self.worker.start()
         log_event(log, "node.started", ae_title=self.settings.dicom.ae_title, port=self.settings.dicom.port,
@@ -113,6 +117,7 @@ class Node:
     def stop(self) -> None:
         self.scp.stop()
         self.sweeper.stop()
+        self.watchdog.stop()
         if self.worker:
             self.worker.stop()
         self.engine.dispose()

@@ -46,3 +46,40 @@ def complete(node: NodeContext, study_instance_uid: str) -> None:
     if run_id is None:
         raise click.ClickException(f"study {study_instance_uid} has no run that is still receiving")
     click.echo(f"study {study_instance_uid}: run {run_id} complete (forced)")
+
+
+@study.command("rerun")
+@click.argument("study_instance_uid")
+@pass_node
+def rerun(node: NodeContext, study_instance_uid: str) -> None:
+    """Run the whole pipeline again on the stored study (a new run; the running node dispatches it)."""
+    from db.session import make_engine, make_session_factory, session_scope
+    from workers.operations import OperationError, open_rerun
+
+    factory = make_session_factory(make_engine(node.settings.database.url))
+    try:
+        with session_scope(factory) as session:
+            number = open_rerun(session, study_instance_uid)
+    except OperationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"study {study_instance_uid}: run {number} opened (rerun)")
+
+
+@study.command("redeliver")
+@click.argument("study_instance_uid")
+@pass_node
+def redeliver(node: NodeContext, study_instance_uid: str) -> None:
+    """Send the latest run's results again (after delivery_failed, or to resend)."""
+    from db.session import make_engine, make_session_factory, session_scope
+    from workers.celery_app import make_celery
+    from workers.operations import OperationError, prepare_redelivery
+    from workers.tasks import dispatch_stage
+
+    factory = make_session_factory(make_engine(node.settings.database.url))
+    try:
+        with session_scope(factory) as session:
+            run_id = prepare_redelivery(session, study_instance_uid)
+    except OperationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    dispatch_stage(make_celery(node.settings), run_id, "deliver", "cpu")
+    click.echo(f"study {study_instance_uid}: redelivery of run {run_id} queued")

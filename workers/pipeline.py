@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,15 @@ log = logging.getLogger("omnict.pipeline")
 
 
 class PermanentStageError(Exception):
-    """The run cannot succeed by retrying (bad or unsupported input)."""
+    """The run cannot succeed by retrying (bad or unsupported input). The run goes to ``run_state``."""
+
+    run_state = RunState.FAILED
+
+
+class DeliveryFailedError(PermanentStageError):
+    """Results exist but could not be delivered: the run waits in DELIVERY_FAILED for an operator's redelivery."""
+
+    run_state = RunState.DELIVERY_FAILED
 
 
 @dataclass
@@ -52,6 +61,7 @@ class StageContext:
     work_dir: Path
     results: dict[str, Any]
     resources: "WorkerResources"
+    final_attempt: bool = False  # no retry follows if this attempt fails transiently
 
 
 StageFunction = Callable[[StageContext], dict[str, Any]]
@@ -117,7 +127,7 @@ def _state_before(stage: Stage) -> RunState:
     return RunState.COMPLETE if index == 0 else stages[index - 1].state
 
 
-def execute_stage(resources: WorkerResources, run_id: int, stage_name: str) -> Stage | None:
+def execute_stage(resources: WorkerResources, run_id: int, stage_name: str, final_attempt: bool = False) -> Stage | None:
     """Run one stage of one run. Returns the next stage to dispatch, or None (done, skipped or failed).
 
     Raises any transient exception for the caller's retry policy.
@@ -127,12 +137,14 @@ def execute_stage(resources: WorkerResources, run_id: int, stage_name: str) -> S
     if claimed is None:
         return None
     context, record_id = claimed
+    context.final_attempt = final_attempt
     started = time.monotonic()
     try:
-        output = stage.function(context)
+        with Heartbeat(resources.session_factory, run_id):
+            output = stage.function(context)
     except PermanentStageError as exc:
         _finish_attempt(resources.session_factory, record_id, started, "failed", str(exc))
-        fail_run(resources.session_factory, run_id, f"{stage.name}: {exc}")
+        fail_run(resources.session_factory, run_id, f"{stage.name}: {exc}", exc.run_state)
         return None
     except Exception as exc:
         _finish_attempt(resources.session_factory, record_id, started, "retry", f"{type(exc).__name__}: {exc}")
@@ -154,6 +166,8 @@ def _claim(resources: WorkerResources, run_id: int, stage: Stage) -> tuple[Stage
     """Move the run into ``stage.state`` (from the state before it, or already in it for a retry)."""
     factory = resources.session_factory
     allowed_from = {_state_before(stage), stage.state}
+    if stage.state == RunState.DELIVERING:
+        allowed_from.add(RunState.DELIVERY_FAILED)  # an operator's redelivery
     with session_scope(factory) as session:
         changed = session.execute(
             update(PipelineRun)
@@ -191,16 +205,56 @@ def _finish_attempt(factory: sessionmaker[Session], record_id: int, started: flo
         record.error = error
 
 
-def fail_run(factory: sessionmaker[Session], run_id: int, reason: str) -> None:
-    """Put a run in FAILED with ``reason`` (visible in `omnict-node status`)."""
+def fail_run(factory: sessionmaker[Session], run_id: int, reason: str, state: RunState = RunState.FAILED) -> None:
+    """Put a run in FAILED (or DELIVERY_FAILED) with ``reason`` (visible in `omnict-node status`)."""
     with session_scope(factory) as session:
         run = session.get(PipelineRun, run_id)
         if run.state in (RunState.DELIVERED, RunState.FAILED):
             return
-        run.state = RunState.FAILED
+        run.state = state
         run.error = reason[:4000]
         run.finished_at = utcnow()
     log_event(log, "pipeline.run.failed", logging.ERROR, run_id=run_id, reason=reason[:200])
+
+
+class Heartbeat:
+    """While a stage runs, touch the run's ``updated_at`` every few seconds. A run in a processing state whose
+    heartbeat stopped (its worker was killed) is re-dispatched by the node (see :func:`stalled_runs`)."""
+
+    INTERVAL_S = 5.0
+
+    def __init__(self, factory: sessionmaker[Session], run_id: int) -> None:
+        self.factory = factory
+        self.run_id = run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            try:
+                with session_scope(self.factory) as session:
+                    session.execute(update(PipelineRun).where(PipelineRun.id == self.run_id).values(updated_at=utcnow()))
+            except Exception:  # a missed beat is harmless; the next one retries
+                log.debug("heartbeat failed", exc_info=True)
+
+
+def stalled_runs(session: Session, stall_after_s: float) -> list[tuple[int, Stage]]:
+    """Runs inside a stage whose heartbeat is older than ``stall_after_s``: (run id, the stage to run again)."""
+    by_state = {stage.state: stage for stage in _stages()}
+    cutoff = utcnow() - dt.timedelta(seconds=stall_after_s)
+    rows = session.execute(
+        select(PipelineRun.id, PipelineRun.state)
+        .where(PipelineRun.state.in_(list(by_state)), PipelineRun.updated_at < cutoff)
+    ).all()
+    return [(run_id, by_state[state]) for run_id, state in rows]
 
 
 def seconds_since(moment: dt.datetime | None) -> float | None:

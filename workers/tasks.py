@@ -27,10 +27,11 @@ def worker_resources(app) -> WorkerResources:
 def run_stage(self, run_id: int, stage_name: str) -> None:
     resources = worker_resources(self.app)
     settings = resources.settings.workers
+    final_attempt = self.request.retries >= settings.task_max_retries
     try:
-        following = execute_stage(resources, run_id, stage_name)
+        following = execute_stage(resources, run_id, stage_name, final_attempt=final_attempt)
     except Exception as exc:
-        if self.request.retries >= settings.task_max_retries:
+        if final_attempt:
             fail_run(resources.session_factory, run_id, f"{stage_name}: {type(exc).__name__}: {exc} "
                                                         f"(after {self.request.retries + 1} attempts)")
             return

@@ -4,6 +4,7 @@ from db.models import RunState
 from workers.celery_app import CPU_QUEUE, GPU_QUEUE
 from workers.pipeline import Stage
 from workers.stages.assemble import assemble
+from workers.stages.deliver import deliver
 from workers.stages.report import report
 from workers.stages.segment import segment
 
@@ -12,4 +13,5 @@ STAGES: list[Stage] = [
     Stage("segment", RunState.SEGMENTING, GPU_QUEUE, segment),
     # infer (gpu) lands here
     Stage("report", RunState.REPORTING, CPU_QUEUE, report),
+    Stage("deliver", RunState.DELIVERING, CPU_QUEUE, deliver),
 ]

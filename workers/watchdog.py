@@ -1,0 +1,62 @@
+"""Re-running stages whose worker died.
+
+A running stage touches its run's ``updated_at`` every few seconds (``workers.pipeline.Heartbeat``). When a worker is
+killed mid-stage (kill -9, OOM, lost GPU node) the heartbeat stops; after ``workers.stall_timeout_s`` the node
+dispatches the same stage again. Stages are idempotent and claim their run with a conditional state change, so the
+run still produces exactly one set of results (result UIDs derive from the run).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import PipelineRun, utcnow
+from db.session import session_scope
+from omnict_node.logs import log_event
+from workers.pipeline import Stage, stalled_runs
+
+log = logging.getLogger("omnict.watchdog")
+
+
+class StallWatchdog:
+    def __init__(self, session_factory: sessionmaker[Session], stall_timeout_s: float,
+                 dispatch: Callable[[int, Stage], None], interval_s: float = 2.0) -> None:
+        self.session_factory = session_factory
+        self.stall_timeout_s = stall_timeout_s
+        self.dispatch = dispatch
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check_once(self) -> list[int]:
+        """Re-dispatch every stalled run once; returns their ids."""
+        with session_scope(self.session_factory) as session:
+            stalled = stalled_runs(session, self.stall_timeout_s)
+            for run_id, _ in stalled:  # restart the clock so the next check does not dispatch it again
+                session.execute(update(PipelineRun).where(PipelineRun.id == run_id).values(updated_at=utcnow()))
+        for run_id, stage in stalled:
+            log_event(log, "pipeline.stage.stalled", logging.WARNING, run_id=run_id, stage=stage.name,
+                      stall_timeout_s=self.stall_timeout_s)
+            self.dispatch(run_id, stage)
+        return [run_id for run_id, _ in stalled]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="stall-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check_once()
+            except Exception:
+                log.exception("watchdog.check.error")
