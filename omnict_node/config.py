@@ -114,6 +114,9 @@ class WorkerSettings(Section):
 
 class ModelSettings(Section):
     checkpoint: Path | None = Field(None, description="OmniCT checkpoint directory; default: the shipped demo checkpoint.")
+    protocol: Path | None = Field(None, description="Question protocol (TOML); default: workers/protocols/default.toml.")
+    max_new_tokens: int = 24
+    report_max_new_tokens: int = 160
     device: str = "cpu"
     segmentation_backend: str = Field("classical", description="'classical' (no weights) or 'totalsegmentator'.")
     totalseg_weights: Path | None = Field(None, description="Local TotalSegmentator weights folder (never downloaded).")

@@ -5,13 +5,14 @@ from workers.celery_app import CPU_QUEUE, GPU_QUEUE
 from workers.pipeline import Stage
 from workers.stages.assemble import assemble
 from workers.stages.deliver import deliver
+from workers.stages.infer import infer
 from workers.stages.report import report
 from workers.stages.segment import segment
 
 STAGES: list[Stage] = [
     Stage("assemble", RunState.ASSEMBLING, CPU_QUEUE, assemble),
     Stage("segment", RunState.SEGMENTING, GPU_QUEUE, segment),
-    # infer (gpu) lands here
+    Stage("infer", RunState.INFERRING, GPU_QUEUE, infer),
     Stage("report", RunState.REPORTING, CPU_QUEUE, report),
     Stage("deliver", RunState.DELIVERING, CPU_QUEUE, deliver),
 ]
