@@ -5,18 +5,25 @@ The storage SCP writes each instance durably, then hands an :class:`InstanceReco
 
 * upserts the study, series and instance rows and moves their ``last_received_at`` timers forward (the
   completeness sweeper reads those timers, so they must be in the database to survive a restart);
-* is idempotent: registering the same SOP Instance UID at the same path again changes nothing but the timers;
+* is idempotent: registering the same SOP Instance UID again changes nothing (an identical re-send does not even
+  move the timers, so a resend cannot postpone a study forever);
 * opens a new pipeline run when an instance arrives for a study whose latest run has already left RECEIVING,
   so a late instance is never lost (trigger ``late_instance``).
+
+It runs on the ingest hot path, so it is set-based Core SQL — a handful of statements per batch, whatever its size.
+Order matters against the completeness sweeper: the study's timer is moved FIRST, and only then is its latest run
+read. The sweeper completes a run only if the study's timer is still old (``dicom_node.completeness.mark_complete``),
+so either it sees our new timer and waits, or it completed the run before our read and we open a new run.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Instance, PipelineRun, RunState, Series, Study, utcnow
@@ -47,141 +54,143 @@ class InstanceRecord:
 @dataclass(frozen=True)
 class RegistrationOutcome:
     sop_instance_uid: str
-    created: bool  # False: the instance was already registered (identical re-send)
+    created: bool  # False: the instance was already registered (identical re-send or replacement)
     opened_run_number: int | None  # a new run was opened by this instance
 
 
 def register_instances(session: Session, records: Sequence[InstanceRecord]) -> list[RegistrationOutcome]:
     """Upsert ``records`` in the current transaction (the caller commits). Returns one outcome per record."""
-    studies = _studies_for(session, records)
-    series = _series_for(session, records, studies)
-    existing = {
-        inst.sop_instance_uid: inst
-        for inst in session.scalars(
-            select(Instance).where(Instance.sop_instance_uid.in_({r.sop_instance_uid for r in records}))
-        )
-    }
-    changed_study_uids = {
-        r.study_instance_uid for r in records if r.sop_instance_uid not in existing or r.replaces_existing
-    }
-    open_runs = _ensure_open_runs(session, [studies[uid] for uid in changed_study_uids])
+    if not records:
+        return []
+    existing = set(session.scalars(
+        select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_({r.sop_instance_uid for r in records}))))
+    new: dict[str, InstanceRecord] = {}
+    for record in records:  # the first of several records with one SOP Instance UID in a batch wins
+        if record.sop_instance_uid not in existing and record.sop_instance_uid not in new:
+            new[record.sop_instance_uid] = record
+    replaced = [r for r in records if r.sop_instance_uid in existing and r.replaces_existing]
+    changed = list(new.values()) + replaced
 
-    outcomes: list[RegistrationOutcome] = []
+    study_ids = _ensure_studies(session, records)
+    series_ids = _ensure_series(session, records, study_ids)
+    _move_timers(session, changed, study_ids, series_ids, new)
+    if new:
+        session.execute(insert(Instance.__table__), [_instance_row(r, series_ids) for r in new.values()])
+    for record in replaced:
+        session.execute(
+            update(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid).values(
+                revision=Instance.revision + 1, path=record.path, size_bytes=record.size_bytes,
+                transfer_syntax_uid=record.transfer_syntax_uid, received_at=record.received_at,
+                association_id=record.association_id))
+    opened = _ensure_open_runs(session, {study_ids[r.study_instance_uid] for r in changed})
+
+    outcomes = []
     for record in records:
-        study = studies[record.study_instance_uid]
-        one_series = series[record.series_instance_uid]
-        instance = existing.get(record.sop_instance_uid)
-        created = instance is None
-        if created:
-            instance = Instance(
-                series=one_series,
-                sop_instance_uid=record.sop_instance_uid,
-                sop_class_uid=record.sop_class_uid,
-                transfer_syntax_uid=record.transfer_syntax_uid,
-                instance_number=record.instance_number,
-                path=record.path,
-                size_bytes=record.size_bytes,
-                received_at=record.received_at,
-                association_id=record.association_id,
-            )
-            session.add(instance)
-            existing[record.sop_instance_uid] = instance
-            one_series.instance_count += 1
-            study.instance_count += 1
-        elif record.replaces_existing:
-            instance.revision += 1
-            instance.path = record.path
-            instance.size_bytes = record.size_bytes
-            instance.transfer_syntax_uid = record.transfer_syntax_uid
-            instance.received_at = record.received_at
-            instance.association_id = record.association_id
-        if created or record.replaces_existing:
-            # Only new content moves the completeness timers; an identical re-send does not delay a study.
-            _touch(study, one_series, record.received_at)
-        opened = open_runs.pop(study.id, None) if (created or record.replaces_existing) else None
-        outcomes.append(RegistrationOutcome(record.sop_instance_uid, created, opened))
+        created = new.get(record.sop_instance_uid) is record
+        is_change = created or (record.sop_instance_uid in existing and record.replaces_existing)
+        run_number = opened.pop(study_ids[record.study_instance_uid], None) if is_change else None
+        outcomes.append(RegistrationOutcome(record.sop_instance_uid, created, run_number))
     return outcomes
 
 
-def _touch(study: Study, series: Series, at: dt.datetime) -> None:
-    study.last_received_at = max(_aware(study.last_received_at), at)
-    series.last_received_at = max(_aware(series.last_received_at), at)
+def _instance_row(record: InstanceRecord, series_ids: dict[str, int]) -> dict:
+    return {
+        "series_id": series_ids[record.series_instance_uid],
+        "sop_instance_uid": record.sop_instance_uid,
+        "sop_class_uid": record.sop_class_uid,
+        "transfer_syntax_uid": record.transfer_syntax_uid,
+        "instance_number": record.instance_number,
+        "path": record.path,
+        "size_bytes": record.size_bytes,
+        "received_at": record.received_at,
+        "association_id": record.association_id,
+        "revision": 1,
+    }
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite returns naive datetimes even for timezone-aware columns; everything we store is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
-
-
-def _studies_for(session: Session, records: Sequence[InstanceRecord]) -> dict[str, Study]:
+def _ensure_studies(session: Session, records: Sequence[InstanceRecord]) -> dict[str, int]:
     wanted = {r.study_instance_uid: r for r in records}
-    found = {s.study_instance_uid: s for s in session.scalars(select(Study).where(Study.study_instance_uid.in_(wanted)))}
+    found = dict(session.execute(select(Study.study_instance_uid, Study.id).where(Study.study_instance_uid.in_(wanted))).all())
     for uid, record in wanted.items():
         if uid not in found:
-            study = Study(
-                study_instance_uid=uid,
-                modalities=record.modality,
-                study_date=record.study_date,
-                requested_priority=record.requested_priority,
-                source_ae_title=record.calling_ae_title,
-                first_received_at=record.received_at,
-                last_received_at=record.received_at,
-                instance_count=0,
-            )
-            session.add(study)
-            found[uid] = study
-        else:
-            _merge_modality(found[uid], record.modality)
-    session.flush()
+            found[uid] = session.scalar(insert(Study).values(
+                study_instance_uid=uid, modalities=record.modality, study_date=record.study_date,
+                requested_priority=record.requested_priority, source_ae_title=record.calling_ae_title,
+                first_received_at=record.received_at, last_received_at=record.received_at, instance_count=0,
+                created_at=utcnow()).returning(Study.id))
     return found
 
 
-def _merge_modality(study: Study, modality: str | None) -> None:
+def _ensure_series(session: Session, records: Sequence[InstanceRecord], study_ids: dict[str, int]) -> dict[str, int]:
+    wanted = {r.series_instance_uid: r for r in records}
+    found = dict(session.execute(select(Series.series_instance_uid, Series.id)
+                                 .where(Series.series_instance_uid.in_(wanted))).all())
+    for uid, record in wanted.items():
+        if uid in found:
+            continue
+        study_id = study_ids[record.study_instance_uid]
+        found[uid] = session.scalar(insert(Series).values(
+            study_id=study_id, series_instance_uid=uid, modality=record.modality, series_number=record.series_number,
+            first_received_at=record.received_at, last_received_at=record.received_at, instance_count=0
+        ).returning(Series.id))
+        _merge_modality(session, study_id, record.modality)
+    return found
+
+
+def _merge_modality(session: Session, study_id: int, modality: str | None) -> None:
     if not modality:
         return
-    present = set(filter(None, (study.modalities or "").split("\\")))
+    current = session.scalar(select(Study.modalities).where(Study.id == study_id)) or ""
+    present = set(filter(None, current.split("\\")))
     if modality not in present:
-        study.modalities = "\\".join(sorted(present | {modality}))[:64]
+        merged = "\\".join(sorted(present | {modality}))[:64]
+        session.execute(update(Study).where(Study.id == study_id).values(modalities=merged))
 
 
-def _series_for(session: Session, records: Sequence[InstanceRecord], studies: dict[str, Study]) -> dict[str, Series]:
-    wanted = {r.series_instance_uid: r for r in records}
-    found = {s.series_instance_uid: s for s in session.scalars(select(Series).where(Series.series_instance_uid.in_(wanted)))}
-    for uid, record in wanted.items():
-        if uid not in found:
-            one = Series(
-                study_id=studies[record.study_instance_uid].id,
-                series_instance_uid=uid,
-                modality=record.modality,
-                series_number=record.series_number,
-                first_received_at=record.received_at,
-                last_received_at=record.received_at,
-                instance_count=0,
-            )
-            session.add(one)
-            found[uid] = one
-    session.flush()
-    return found
-
-
-def _ensure_open_runs(session: Session, studies) -> dict[int, int]:
-    """Make sure each study has a run in RECEIVING; return {study_id: run_number} for runs opened here."""
-    opened: dict[int, int] = {}
-    for study in studies:
-        latest = session.scalars(
-            select(PipelineRun).where(PipelineRun.study_id == study.id).order_by(PipelineRun.run_number.desc()).limit(1)
-        ).first()
-        if latest is not None and latest.state == RunState.RECEIVING:
+def _move_timers(session: Session, changed: Sequence[InstanceRecord], study_ids: dict[str, int],
+                 series_ids: dict[str, int], new: dict[str, InstanceRecord]) -> None:
+    """Bump counts (new instances) and ``last_received_at`` (new or replaced) of the series and studies touched."""
+    for model, key, ids in ((Series, "series_instance_uid", series_ids), (Study, "study_instance_uid", study_ids)):
+        table = model.__table__  # Core executemany, not the ORM's per-row bulk update
+        added: dict[int, int] = defaultdict(int)
+        latest: dict[int, dt.datetime] = {}
+        for record in changed:
+            row_id = ids[getattr(record, key)]
+            latest[row_id] = max(latest.get(row_id, record.received_at), record.received_at)
+            if new.get(record.sop_instance_uid) is record:
+                added[row_id] += 1
+        if not latest:
             continue
-        number = 1 if latest is None else latest.run_number + 1
-        session.add(
-            PipelineRun(
-                study_id=study.id,
-                run_number=number,
-                state=RunState.RECEIVING,
-                trigger="received" if latest is None else "late_instance",
-            )
+        columns = table.c
+        session.execute(
+            update(table).where(columns.id == bindparam("row_id")).values(
+                instance_count=columns.instance_count + bindparam("added"),
+                last_received_at=case((columns.last_received_at < bindparam("at"), bindparam("at")),
+                                      else_=columns.last_received_at)),
+            [{"row_id": row_id, "added": added[row_id], "at": at} for row_id, at in latest.items()],
         )
-        opened[study.id] = number
-    session.flush()
+
+
+def _ensure_open_runs(session: Session, study_ids: set[int]) -> dict[int, int]:
+    """Make sure each study has a run in RECEIVING; return {study_id: run_number} for runs opened here."""
+    if not study_ids:
+        return {}
+    latest_number = (select(PipelineRun.study_id, func.max(PipelineRun.run_number).label("n"))
+                     .where(PipelineRun.study_id.in_(study_ids)).group_by(PipelineRun.study_id).subquery())
+    latest = {study_id: (number, state) for study_id, number, state in session.execute(
+        select(PipelineRun.study_id, PipelineRun.run_number, PipelineRun.state)
+        .join(latest_number, (PipelineRun.study_id == latest_number.c.study_id)
+              & (PipelineRun.run_number == latest_number.c.n)))}
+    opened: dict[int, int] = {}
+    for study_id in sorted(study_ids):
+        number, state = latest.get(study_id, (0, None))
+        if state == RunState.RECEIVING:
+            continue
+        opened[study_id] = number + 1
+    if opened:
+        now = utcnow()
+        session.execute(insert(PipelineRun.__table__), [
+            {"study_id": study_id, "run_number": number, "state": RunState.RECEIVING,
+             "trigger": "received" if number == 1 else "late_instance", "opened_at": now, "updated_at": now}
+            for study_id, number in opened.items()])
     return opened

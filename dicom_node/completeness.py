@@ -65,11 +65,20 @@ def completion_reason(
     return "quiet" if series_stable and study_quiet else None
 
 
-def mark_complete(session: Session, run_id: int, reason: str, now: dt.datetime | None = None) -> bool:
-    """Move run ``run_id`` from RECEIVING to COMPLETE. True only for the one caller that made the change."""
+def mark_complete(session: Session, run_id: int, reason: str, now: dt.datetime | None = None,
+                  timer_seen: dt.datetime | None = None) -> bool:
+    """Move run ``run_id`` from RECEIVING to COMPLETE. True only for the one caller that made the change.
+
+    With ``timer_seen`` (the study's ``last_received_at`` the decision was based on), the change happens only if no
+    instance arrived since: registration moves that timer before it looks at the run (db.ingest), so an instance
+    racing the sweeper either keeps the study open or finds the run complete and opens a new one.
+    """
+    condition = [PipelineRun.id == run_id, PipelineRun.state == RunState.RECEIVING]
+    if timer_seen is not None:
+        condition.append(select(Study.last_received_at).where(Study.id == PipelineRun.study_id)
+                         .scalar_subquery() <= timer_seen)
     result = session.execute(
-        update(PipelineRun)
-        .where(PipelineRun.id == run_id, PipelineRun.state == RunState.RECEIVING)
+        update(PipelineRun).where(*condition)
         .values(state=RunState.COMPLETE, completed_at=now or utcnow(), completion_reason=reason, updated_at=utcnow())
     )
     return result.rowcount == 1
@@ -127,7 +136,7 @@ class CompletenessSweeper:
                 series_times.setdefault(study_id, []).append(last)
             for run_id, opened_at, study_id, study_uid, study_last in candidates:
                 reason = completion_reason(now, opened_at, study_last, series_times.get(study_id, []), self.rules)
-                if reason and mark_complete(session, run_id, reason, now):
+                if reason and mark_complete(session, run_id, reason, now, timer_seen=study_last):
                     completed.append(CompletedRun(run_id, study_uid, reason))
         return completed
 

@@ -1,0 +1,159 @@
+"""OmniCT engine: shared-prefix batched answers must equal one full ``generate()`` per question."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from omnict_core.inference.engine import OmniCTEngine, Question, baseline_generate
+from omnict_core.modeling_omnict import build_model, save_omnict
+from omnict_core.preprocessing import prepare_slice, prepare_volume
+from omnict_core.tokenization_omnict import train_tokenizer
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on the shared 2-core machine two spinning OpenMP threads
+    per process make them ~5x slower under load; restored after this module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+QA = [
+    ("Is there a lesion in the liver?", "Yes."),
+    ("Describe the kidneys.", "Both kidneys are normal in size and attenuation without stones."),
+    ("What is the spleen attenuation?", "About 48 HU."),
+]
+LABEL_NAMES = {1: "liver", 2: "kidney_left", 3: "kidney_right", 4: "spleen"}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny random model whose answers stop at different lengths: the input embedding of every 6th token is set
+    to a large multiple of the <|im_end|> output row, so once the model emits one of those tokens the residual
+    stream points at <|im_end|> and the next token is the end of the answer. (Cheaper and more deterministic than
+    training; the engine must handle rows of one batch finishing at different steps.)"""
+    tokenizer = train_tokenizer([q + " " + a for q, a in QA] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model("tiny", tokenizer).eval()
+    embedding = model.get_input_embeddings().weight
+    eos_row = model.language_model.lm_head.weight[model.config.eos_token_id]
+    with torch.no_grad():
+        for token in range(20, embedding.shape[0], 6):
+            embedding[token] = 50 * eos_row
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def study(trained):
+    rng = np.random.default_rng(3)
+    hu = rng.normal(40, 200, (30, 64, 64)).astype(np.float32)
+    labels = np.zeros(hu.shape, np.int32)
+    labels[2:12, 10:30, 10:40] = 1
+    labels[15:25, 40:55, 5:20] = 2
+    labels[15:25, 40:55, 45:60] = 3
+    labels[5:10, 5:15, 45:60] = 4
+    return prepare_volume(hu, trained[0].config, labels=labels, label_names=LABEL_NAMES)
+
+
+QUESTIONS = [
+    Question("Is there a lesion in the liver?", "liver"),
+    Question("Describe the kidneys.", "kidneys", max_new_tokens=5),
+    Question("What is the spleen attenuation?", "spleen"),
+    Question("Is there a lesion in the liver?"),  # whole body
+    Question("Describe the kidneys.", "liver"),
+    Question("Anything unusual near the pancreas?", "pancreas"),  # organ absent from the label map -> whole body
+    Question("What is the spleen attenuation?", None, max_new_tokens=3),
+]
+
+
+def test_engine_answers_equal_separate_generate(trained, study):
+    model, tokenizer = trained
+    engine = OmniCTEngine(model, tokenizer, max_new_tokens=16)
+    answers = engine.ask(study, QUESTIONS, with_relevance=False)
+    reference = [baseline_generate(model, tokenizer, study, q, 16) for q in QUESTIONS]
+    assert [a.token_ids for a in answers] == reference
+    # rows left the batch at different steps: stopped by <|im_end|>, by a per-question limit, by the default limit
+    assert len({len(a.token_ids) for a in answers}) >= 3, [len(a.token_ids) for a in answers]
+    assert any(a.finished for a in answers) and any(not a.finished for a in answers)
+    assert len(answers[1].token_ids) <= 5
+    assert answers[0].text == tokenizer.decode(answers[0].token_ids, skip_special_tokens=True).strip()
+
+
+def test_relevance_per_unit_and_key_slices(trained, study):
+    model, tokenizer = trained
+    engine = OmniCTEngine(model, tokenizer, max_new_tokens=16, top_k_units=2)
+    answers = engine.ask(study, QUESTIONS[:3])
+    plain = engine.ask(study, QUESTIONS[:3], with_relevance=False)
+    assert [a.token_ids for a in answers] == [a.token_ids for a in plain]  # the eager pass changes no answer
+    for answer in answers:
+        assert len(answer.unit_relevance) == study.num_units == 4
+        assert sum(answer.unit_relevance) == pytest.approx(1.0, abs=1e-4)
+        assert len(answer.key_units) == 2
+        assert answer.unit_relevance[answer.key_units[0]] == max(answer.unit_relevance)
+        assert answer.key_slices == study.key_slices(answer.key_units)
+        assert all(0 <= s < 30 for s in answer.key_slices)
+    # relevance from the batched pass equals the one from a pass with this answer alone
+    alone = engine.ask(study, [QUESTIONS[1]])[0]
+    assert alone.unit_relevance == pytest.approx(answers[1].unit_relevance, abs=1e-4)
+
+
+def test_report_and_engine_from_checkpoint_dir(trained, study, tmp_path):
+    model, tokenizer = trained
+    save_omnict(model, tokenizer, tmp_path / "ckpt")
+    engine = OmniCTEngine(tmp_path / "ckpt", max_new_tokens=8)
+    report = engine.report(study, max_new_tokens=20)
+    reference = baseline_generate(model, tokenizer, study, Question(report.question, None, 20), 20)
+    assert report.token_ids == reference and len(report.token_ids) <= 20
+    with pytest.raises(FileNotFoundError):
+        OmniCTEngine(tmp_path / "nothing")
+
+
+def test_engine_slices_and_ose_off(trained):
+    _, tokenizer = trained
+    torch.manual_seed(1)
+    model = build_model("tiny", tokenizer, use_ose=False).eval()
+    slice_study = prepare_slice(np.random.default_rng(0).normal(0, 300, (50, 50)), model.config)
+    questions = [Question("Describe the kidneys."), Question("Is there a lesion in the liver?", "liver")]
+    engine = OmniCTEngine(model, tokenizer, max_new_tokens=6)
+    answers = engine.ask(slice_study, questions)
+    assert [a.token_ids for a in answers] == [baseline_generate(model, tokenizer, slice_study, q, 6) for q in questions]
+    assert answers[0].unit_relevance == [1.0] and answers[0].key_slices == [0]
+
+
+def test_ask_command_on_a_dicom_folder(trained, tmp_path):
+    from click.testing import CliRunner
+
+    from omnict_core.phantom import PhantomSpec, generate_study, write_dicom_study
+    from omnict_node.cli import main
+
+    model, tokenizer = trained
+    save_omnict(model, tokenizer, tmp_path / "ckpt")
+    write_dicom_study(generate_study(PhantomSpec(seed=2, slices=12, size=48)), tmp_path / "study")
+    runner = CliRunner()
+    args = ["ask", str(tmp_path / "study"), "-m", str(tmp_path / "ckpt"), "--max-new-tokens", "4"]
+    result = runner.invoke(main, [*args, "-q", "liver::Is there a lesion in the liver?", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = __import__("json").loads(result.output[result.output.index("{"):])
+    answer = payload["answers"][0]
+    assert payload["kind"] == "3d" and answer["organ"] == "liver" and len(answer["unit_relevance"]) == 4
+    assert len(answer["key_sop_instance_uids"]) == len(answer["key_slices"]) > 0  # key images as DICOM references
+    missing = runner.invoke(main, ["ask", str(tmp_path / "study"), "-m", str(tmp_path / "none"), "-q", "Q?"])
+    assert missing.exit_code != 0 and "checkpoint not found" in missing.output
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.dcm").write_bytes(b"not dicom")
+    bad = runner.invoke(main, ["ask", str(tmp_path / "junk"), "-m", str(tmp_path / "ckpt"), "-q", "Q?"])
+    assert bad.exit_code != 0 and "cannot read" in bad.output
+
+
+def test_engine_slice_with_organ_label_map(trained):
+    model, tokenizer = trained
+    labels = np.zeros((50, 50), np.int32)
+    labels[10:20, 30:45] = 1
+    slice_study = prepare_slice(np.random.default_rng(1).normal(0, 300, (50, 50)), model.config, labels=labels,
+                                label_names=LABEL_NAMES)
+    questions = [Question("Is there a lesion in the liver?", "liver"), Question("Describe the kidneys.")]
+    answers = OmniCTEngine(model, tokenizer, max_new_tokens=8).ask(slice_study, questions)
+    assert [a.token_ids for a in answers] == [baseline_generate(model, tokenizer, slice_study, q, 8) for q in questions]
