@@ -18,7 +18,7 @@ Sequence keys are returned empty (no sequence matching).
 
 Retrieval uses the unique keys of the level (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID;
 lists allowed). C-MOVE destinations are known AE titles only (an explicit ``move_destinations`` map, then
-``settings.dicom.destinations``); anything else answers 0xA801.
+``settings.dicom.destinations``, then allow-listed peers that give a port); anything else answers 0xA801.
 
 Logs carry UIDs, AE titles and counts only; pynetdicom's identifier logging is switched off.
 """
@@ -426,6 +426,9 @@ class QueryRetrieveSCP:
         self.catalog = NodeCatalog(settings, session_factory)
         self.ae_title = settings.dicom.ae_title
         self.move_destinations: dict[str, tuple[str, int, TlsSettings | None]] = {}
+        for peer in settings.dicom.allowed_peers:  # a peer that gives its own SCP port can be a move destination
+            if peer.port and peer.host != "*":
+                self.move_destinations[peer.ae_title.strip()] = (peer.host, peer.port, peer.tls)
         for destination in settings.dicom.destinations:
             self.move_destinations[destination.ae_title.strip()] = (destination.host, destination.port,
                                                                     destination.tls)

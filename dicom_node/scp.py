@@ -40,6 +40,7 @@ Logs carry UIDs, AE titles, addresses and counts only; pynetdicom's identifier l
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 import ssl
 import threading
 import time
@@ -172,8 +173,12 @@ class StorageSCP:
     """
 
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session], *, fast_path: bool = True,
-                 registration_timeout_s: float = 60.0, watermark_interval_s: float = 0.5) -> None:
+                 registration_timeout_s: float = 60.0, watermark_interval_s: float = 0.5,
+                 extra_services: Callable[[AE], list] | None = None) -> None:
+        """``extra_services(ae)`` adds more services to the same AE (e.g. query/retrieve) after the storage
+        contexts, and returns their event handlers."""
         self.settings = settings
+        self.extra_services = extra_services
         self.session_factory = session_factory
         self.fast_path = fast_path
         self.registration_timeout_s = registration_timeout_s
@@ -239,6 +244,9 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
+        if self.extra_services is not None:
+            # after the storage contexts: add_supported_context resets the SCP/SCU roles C-GET needs
+            handlers += self.extra_services(ae)
         try:
             server = ae.start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers,
                                      ssl_context=ssl_context)

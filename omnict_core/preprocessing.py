@@ -72,11 +72,14 @@ class PreparedStudy:
         ids = torch.tensor([label_ids] if isinstance(label_ids, int) else list(label_ids), dtype=torch.int32)
         return torch.isin(self.label_units, ids).any(dim=1)
 
-    def organ_label_ids(self, organ: str | None) -> list[int] | None:
+    def organ_label_ids(self, organ: str | Sequence[str] | None) -> list[int] | None:
         """Label ids whose name matches ``organ``: the exact name, else every name starting with it ('kidney' ->
-        kidney_left + kidney_right), also after dropping a plural 's' ('lungs' -> the five lobes). [] if none."""
+        kidney_left + kidney_right), also after dropping a plural 's' ('lungs' -> the five lobes). [] if none.
+        A sequence of names is the union of their regions (e.g. the three right lobes: the right hemithorax)."""
         if organ is None:
             return None
+        if not isinstance(organ, str):
+            return sorted({i for name in organ for i in (self.organ_label_ids(name) or [])})
         wanted = organ.strip().lower().replace(" ", "_")
         for candidate in (wanted, wanted[:-1] if wanted.endswith("s") else wanted):  # 'lungs' -> 'lung*'
             ids = [i for i, name in self.label_names.items() if name.lower() == candidate]

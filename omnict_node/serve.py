@@ -87,6 +87,7 @@ class Node:
         from db.migrate import ensure_schema
         from db.session import make_engine, make_session_factory
         from dicom_node.completeness import CompletenessSweeper
+        from dicom_node.qr import add_query_retrieve
         from dicom_node.scp import StorageSCP
         from workers.celery_app import make_celery
         from workers.tasks import dispatch_run, dispatch_stage
@@ -98,7 +99,8 @@ class Node:
         self.engine = make_engine(settings.database.url)
         self.session_factory = make_session_factory(self.engine)
         self.celery = make_celery(settings)
-        self.scp = StorageSCP(settings, self.session_factory)
+        self.scp = StorageSCP(settings, self.session_factory,
+                              extra_services=lambda ae: add_query_retrieve(ae, settings, self.session_factory))
         self.sweeper = CompletenessSweeper(settings.completeness, self.session_factory,
                                            lambda run_id: dispatch_run(self.celery, run_id))
         self.watchdog = StallWatchdog(self.session_factory, settings.workers.stall_timeout_s,

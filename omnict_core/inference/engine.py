@@ -47,7 +47,7 @@ REPORT_PROMPT = "Write a radiology report for this CT: findings and impression."
 @dataclass
 class Question:
     text: str
-    organ: str | None = None  # a label name of the study's label map (e.g. 'liver'); None = whole body
+    organ: str | tuple[str, ...] | None = None  # label name(s) of the study's label map (e.g. 'liver'); None = whole body
     max_new_tokens: int | None = None
 
 

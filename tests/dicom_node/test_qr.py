@@ -441,23 +441,16 @@ def test_multi_valued_entity_value_matches_any():
 # -- one AE, one port: the storage SCP with the Q/R handlers merged in ---------------------------------------------
 
 
-def test_storage_scp_and_query_retrieve_on_one_ae(settings, session_factory, tmp_path, monkeypatch):
-    """What the lead wires: StorageSCP's AE gets add_query_retrieve's contexts + handlers (here by wrapping the AE
-    class StorageSCP builds, until it offers a hook). Stores, finds and gets then work on one port, fast path on."""
-    import dicom_node.scp as scp_module
+def test_storage_scp_and_query_retrieve_on_one_ae(settings, session_factory, tmp_path):
+    """As the node runs it: StorageSCP's AE gets add_query_retrieve's contexts + handlers through its
+    extra_services hook. Stores, finds and gets then work on one port, fast path on."""
     from dicom_node.scp import StorageSCP
     from tests.dicom_factory import write_ct_series
 
-    class AEWithQueryRetrieve(AE):
-        def start_server(self, address, block=True, evt_handlers=None, **kwargs):
-            handlers = add_query_retrieve(self, settings, session_factory)
-            return super().start_server(address, block=block, evt_handlers=[*(evt_handlers or []), *handlers],
-                                        **kwargs)
-
-    monkeypatch.setattr(scp_module, "AE", AEWithQueryRetrieve)
     files = write_ct_series(tmp_path / "in", n_slices=4, size=16)
     study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
-    with StorageSCP(settings, session_factory) as scp:
+    with StorageSCP(settings, session_factory,
+                    extra_services=lambda ae: add_query_retrieve(ae, settings, session_factory)) as scp:
         wait_for_port(scp.port)
         stored = dcmtk("storescu", "-aet", "STORESCU", "-aec", "OMNICT", "127.0.0.1", str(scp.port), *map(str, files))
         assert stored.returncode == 0, stored.stdout + stored.stderr
