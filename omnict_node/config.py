@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from api.settings import ApiAuthSettings, WorklistRules  # pure pydantic models: no web framework imported
+
 DEFAULT_DATA_DIR = Path(os.environ.get("OMNICT_DATA_DIR", "omnict-data"))
 
 
@@ -123,9 +125,14 @@ class ModelSettings(Section):
 
 
 class ApiSettings(Section):
+    """The query API and worklist web page (``api/``); tokens and worklist rules are typed in api/settings.py."""
+
     host: str = "127.0.0.1"
     port: int = 8042
     enabled: bool = True
+    threads: int = Field(8, description="Threads serving the (synchronous) database endpoints.")
+    auth: ApiAuthSettings = Field(default_factory=ApiAuthSettings)
+    worklist: WorklistRules = Field(default_factory=WorklistRules)
 
 
 class Settings(BaseSettings):

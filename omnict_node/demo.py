@@ -58,6 +58,7 @@ def demo(node: NodeContext, slices: int, size: int, findings: tuple[str, ...], s
         node.config_file,
         data_dir=str(base.data_dir / "demo"),
         dicom={"port": _free_port()},
+        api={"port": _free_port()},
         completeness={"series_quiet_s": 2.0, "study_quiet_s": 3.0, "sweep_interval_s": 0.2},
         log_level="WARNING",
     )

@@ -80,8 +80,30 @@ class EmbeddedWorker:
                 self.process.kill()
 
 
+class ApiServer:
+    """The query API / worklist page (uvicorn) on a thread of the node process."""
+
+    def __init__(self, settings: Settings, session_factory) -> None:
+        import uvicorn
+
+        from api.app import create_app
+
+        config = uvicorn.Config(create_app(settings, session_factory), host=settings.api.host, port=settings.api.port,
+                                access_log=False, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # the node owns SIGINT/SIGTERM
+        self._thread = threading.Thread(target=self.server.run, name="api", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+
+
 class Node:
-    """The running node: SCP + completeness sweeper + stall watchdog (+ embedded worker)."""
+    """The running node: SCP (+ query/retrieve), completeness sweeper, stall watchdog, API (+ embedded worker)."""
 
     def __init__(self, settings: Settings, config_file: Path | None = None) -> None:
         from db.migrate import ensure_schema
@@ -106,6 +128,7 @@ class Node:
         self.watchdog = StallWatchdog(self.session_factory, settings.workers.stall_timeout_s,
                                       lambda run_id, stage: dispatch_stage(self.celery, run_id, stage.name, stage.queue))
         self.worker = EmbeddedWorker(config_file, settings) if settings.workers.embedded_worker else None
+        self.api = ApiServer(settings, self.session_factory) if settings.api.enabled else None
 
     def start(self) -> None:
         self.scp.start()
@@ -113,6 +136,8 @@ class Node:
         self.watchdog.start()
         if self.worker:
             self.worker.start()
+        if self.api:
+            self.api.start()
         log_event(log, "node.started", ae_title=self.settings.dicom.ae_title, port=self.settings.dicom.port,
                   data_dir=self.settings.data_dir)
 
@@ -120,6 +145,8 @@ class Node:
         self.scp.stop()
         self.sweeper.stop()
         self.watchdog.stop()
+        if self.api:
+            self.api.stop()
         if self.worker:
             self.worker.stop()
         self.engine.dispose()

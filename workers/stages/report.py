@@ -138,7 +138,7 @@ def report(context: StageContext) -> dict:
                 study_instance_uid=dataset.StudyInstanceUID, path=str(path.relative_to(context.settings.data_dir)),
                 size_bytes=path.stat().st_size))
         session.flush()
-        refresh_worklist_item(session, context.run_id)
+        refresh_worklist_item(session, context.run_id, rules=context.settings.api.worklist)
     log_event(log, "pipeline.report.done", run_id=context.run_id, objects=len(paths))
     return {"objects": [str(p.relative_to(context.settings.data_dir)) for p in paths],
             "narrative": objects.narrative_text}
