@@ -175,6 +175,15 @@ class Settings(BaseSettings):
             self.workers.broker_url = "filesystem://"
         return self
 
+    def to_environment(self) -> dict[str, str]:
+        """``OMNICT_*`` variables that reproduce these settings exactly in a child process (sections as JSON)."""
+        env = {"OMNICT_DATA_DIR": str(self.data_dir), "OMNICT_LOG_LEVEL": self.log_level}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, BaseModel):
+                env[f"OMNICT_{name.upper()}"] = value.model_dump_json()
+        return env
+
     @property
     def broker_dir(self) -> Path:
         """Folder of the embedded filesystem broker (used when broker_url is ``filesystem://``)."""

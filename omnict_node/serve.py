@@ -43,13 +43,7 @@ class EmbeddedWorker:
 
     def _environment(self) -> dict[str, str]:
         # The child must see the same effective settings, including overrides made in code (tests, demo).
-        env = dict(os.environ)
-        env["OMNICT_DATA_DIR"] = str(self.settings.data_dir)
-        env["OMNICT_LOG_LEVEL"] = self.settings.log_level
-        env["OMNICT_DATABASE__URL"] = str(self.settings.database.url)
-        env["OMNICT_WORKERS__BROKER_URL"] = str(self.settings.workers.broker_url)
-        env["OMNICT_STORAGE__ROOT"] = str(self.settings.storage.root)
-        return env
+        return {**os.environ, **self.settings.to_environment()}
 
     def start(self) -> None:
         self._spawn()

@@ -18,23 +18,11 @@ from tests.services import wait_for_port
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:
-    """Environment variables that reproduce ``settings`` in a child process."""
+    """Environment variables that reproduce ``settings`` in a child process (the API stays off)."""
     env = dict(os.environ, TCP_NODELAY="1", PYTHONUNBUFFERED="1")
     env.pop("OMNICT_CONFIG", None)
-    env.update({
-        "OMNICT_DATA_DIR": str(settings.data_dir),
-        "OMNICT_DATABASE__URL": str(settings.database.url),
-        "OMNICT_WORKERS__BROKER_URL": str(settings.workers.broker_url),
-        "OMNICT_DICOM__PORT": str(settings.dicom.port),
-        "OMNICT_DICOM__AE_TITLE": settings.dicom.ae_title,
-        "OMNICT_STORAGE__MIN_FREE_BYTES": str(settings.storage.min_free_bytes),
-        "OMNICT_COMPLETENESS__SERIES_QUIET_S": str(settings.completeness.series_quiet_s),
-        "OMNICT_COMPLETENESS__STUDY_QUIET_S": str(settings.completeness.study_quiet_s),
-        "OMNICT_COMPLETENESS__HARD_LIMIT_S": str(settings.completeness.hard_limit_s),
-        "OMNICT_COMPLETENESS__SWEEP_INTERVAL_S": str(settings.completeness.sweep_interval_s),
-        "OMNICT_WORKERS__RETRY_BACKOFF_S": str(settings.workers.retry_backoff_s),
-        "OMNICT_API__ENABLED": "false",
-    })
+    env.update(settings.to_environment())
+    env["OMNICT_API__ENABLED"] = "false"
     return env
 
 
