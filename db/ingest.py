@@ -23,10 +23,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import bindparam, case, func, insert, select, update
+from sqlalchemy import DateTime, bindparam, case, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from db.models import Instance, PipelineRun, RunState, Series, Study, utcnow
+from db.models import Instance, Series, Study, utcnow
 
 
 @dataclass(frozen=True)
@@ -147,11 +147,25 @@ def _merge_modality(session: Session, study_id: int, modality: str | None) -> No
         session.execute(update(Study).where(Study.id == study_id).values(modalities=merged))
 
 
+def _timer_update(model) -> object:
+    """UPDATE <table> SET instance_count += :added, last_received_at = max(last_received_at, :at) WHERE id = :row_id.
+    Built once per table: rebuilding it per batch costs more CPU than running it (SQLAlchemy cache keys)."""
+    columns = model.__table__.c
+    return (update(model.__table__).where(columns.id == bindparam("row_id")).values(
+        instance_count=columns.instance_count + bindparam("added"),
+        last_received_at=case((columns.last_received_at < bindparam("at", type_=DateTime(timezone=True)),
+                               bindparam("at", type_=DateTime(timezone=True))), else_=columns.last_received_at)))
+
+
+_TIMER_UPDATES = ((Series, "series_instance_uid", _timer_update(Series)), (Study, "study_instance_uid", _timer_update(Study)))
+
+
 def _move_timers(session: Session, changed: Sequence[InstanceRecord], study_ids: dict[str, int],
                  series_ids: dict[str, int], new: dict[str, InstanceRecord]) -> None:
     """Bump counts (new instances) and ``last_received_at`` (new or replaced) of the series and studies touched."""
-    for model, key, ids in ((Series, "series_instance_uid", series_ids), (Study, "study_instance_uid", study_ids)):
-        table = model.__table__  # Core executemany, not the ORM's per-row bulk update
+    ids_of = {Series: series_ids, Study: study_ids}
+    for model, key, statement in _TIMER_UPDATES:
+        ids = ids_of[model]
         added: dict[int, int] = defaultdict(int)
         latest: dict[int, dt.datetime] = {}
         for record in changed:
@@ -159,38 +173,29 @@ def _move_timers(session: Session, changed: Sequence[InstanceRecord], study_ids:
             latest[row_id] = max(latest.get(row_id, record.received_at), record.received_at)
             if new.get(record.sop_instance_uid) is record:
                 added[row_id] += 1
-        if not latest:
-            continue
-        columns = table.c
-        session.execute(
-            update(table).where(columns.id == bindparam("row_id")).values(
-                instance_count=columns.instance_count + bindparam("added"),
-                last_received_at=case((columns.last_received_at < bindparam("at"), bindparam("at")),
-                                      else_=columns.last_received_at)),
-            [{"row_id": row_id, "added": added[row_id], "at": at} for row_id, at in latest.items()],
-        )
+        if latest:
+            session.execute(statement, [{"row_id": row_id, "added": added[row_id], "at": at}
+                                        for row_id, at in latest.items()])
+
+
+# One statement per study: open a run in RECEIVING unless the study already has one. Two concurrent registrars
+# racing here violate UNIQUE(study_id, run_number) and the loser retries (dicom_node.registrar), seeing the open run.
+_OPEN_RUN_IF_NONE = text("""
+    INSERT INTO pipeline_runs (study_id, run_number, state, "trigger", opened_at, updated_at)
+    SELECT :study_id, COALESCE(MAX(run_number), 0) + 1, 'receiving',
+           CASE WHEN MAX(run_number) IS NULL THEN 'received' ELSE 'late_instance' END, :now, :now
+    FROM pipeline_runs WHERE study_id = :study_id
+    HAVING NOT EXISTS (SELECT 1 FROM pipeline_runs WHERE study_id = :study_id AND state = 'receiving')
+    RETURNING run_number
+""").bindparams(bindparam("now", type_=DateTime(timezone=True)))  # stored exactly like ORM-written timestamps
 
 
 def _ensure_open_runs(session: Session, study_ids: set[int]) -> dict[int, int]:
     """Make sure each study has a run in RECEIVING; return {study_id: run_number} for runs opened here."""
-    if not study_ids:
-        return {}
-    latest_number = (select(PipelineRun.study_id, func.max(PipelineRun.run_number).label("n"))
-                     .where(PipelineRun.study_id.in_(study_ids)).group_by(PipelineRun.study_id).subquery())
-    latest = {study_id: (number, state) for study_id, number, state in session.execute(
-        select(PipelineRun.study_id, PipelineRun.run_number, PipelineRun.state)
-        .join(latest_number, (PipelineRun.study_id == latest_number.c.study_id)
-              & (PipelineRun.run_number == latest_number.c.n)))}
     opened: dict[int, int] = {}
+    now = utcnow()
     for study_id in sorted(study_ids):
-        number, state = latest.get(study_id, (0, None))
-        if state == RunState.RECEIVING:
-            continue
-        opened[study_id] = number + 1
-    if opened:
-        now = utcnow()
-        session.execute(insert(PipelineRun.__table__), [
-            {"study_id": study_id, "run_number": number, "state": RunState.RECEIVING,
-             "trigger": "received" if number == 1 else "late_instance", "opened_at": now, "updated_at": now}
-            for study_id, number in opened.items()])
+        number = session.execute(_OPEN_RUN_IF_NONE, {"study_id": study_id, "now": now}).scalar()
+        if number is not None:
+            opened[study_id] = number
     return opened
