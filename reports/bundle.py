@@ -59,7 +59,7 @@ def build_result_objects(
     KOS (by ``algorithm``), all in the source study, each in its own series, UIDs derived from ``run``."""
     seg_algorithm = segmentation_algorithm or algorithm
     segmentation = build_segmentation(source, label_map, organs, seg_algorithm, run)
-    measurement_report = build_measurement_report(source, segmentation, organs, seg_algorithm, run)
+    measurement_report = build_measurement_report(source, segmentation, organs, seg_algorithm, run, label_map)
     findings = build_findings_report(source, answers, algorithm, run) if answers else None
     text = render_narrative(organs, answers, algorithm, narrative_template)
     narrative = build_narrative_report(source, text, algorithm, run)

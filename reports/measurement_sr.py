@@ -1,18 +1,35 @@
-"""TID 1500 Measurement Report (Comprehensive 3D SR): organ volume and attenuation, one group per SEG segment."""
+"""TID 1500 Measurement Report (Comprehensive 3D SR): organ volume and attenuation, one group per SEG segment.
+
+With the label map, every organ also gets a planar group (TID 1410) under the same Tracking Unique Identifier: the
+organ's outline on its largest cross-section (Image Region, a closed POLYLINE SCOORD on that source slice) and the
+area inside it. Why: viewers place measurements by their spatial coordinates, and OHIF 3 (3.13) reads a TID 1500
+group only when a SCOORD is in it (or under each NUM, which highdicom and TID 1419 do not allow in ROI groups); on a
+document of SCOORD-less groups its SR viewport fails. OHIF merges groups that share a Tracking Unique Identifier,
+so the volume/attenuation values are shown at that outline. A closed POLYLINE rather than POLYGON: OHIF draws
+POINT, MULTIPOINT, POLYLINE, CIRCLE and ELLIPSE only. The volumetric group still references the SEG segment.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from highdicom.sr import (
     Comprehensive3DSR,
     FindingSite,
+    GraphicTypeValues,
+    ImageRegion,
     Measurement,
     MeasurementReport,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     ReferencedSegment,
+    SourceImageForRegion,
     TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from scipy import ndimage
 
 from reports import coding
 from reports.algorithm import algorithm_identification_items, observation_context
@@ -23,6 +40,55 @@ from reports.uids import ObjectKind, tracking_uid
 
 MEASUREMENT_KIND = ObjectKind.MEASUREMENT_REPORT
 REPORT_TITLE = coding.IMAGING_MEASUREMENT_REPORT
+AREA = codes.SCT.Area  # (42798000, SCT)
+SQUARE_CENTIMETER = Code("cm2", "UCUM", "square centimeter")  # pydicom names it "Centimeter**2"
+
+
+def outer_boundary(mask: np.ndarray) -> np.ndarray:
+    """Closed outline of a 2-D boolean ``mask`` (rows, columns) along the pixel edges of its largest 4-connected
+    component (holes filled): ``(K, 2)`` (column, row) vertices in SCOORD image coordinates, where the top-left
+    corner of the top-left pixel is (0, 0); the first vertex is repeated last; only corners are kept."""
+    components, count = ndimage.label(mask)
+    if count == 0:
+        raise ReportInputError("cannot outline an empty mask")
+    sizes = np.bincount(components.ravel())[1:]
+    region = ndimage.binary_fill_holes(components == int(np.argmax(sizes)) + 1)
+    padded = np.pad(region, 1)
+    inside = padded[1:-1, 1:-1]
+    # Directed pixel edges with the region on the right (clockwise on screen, rows growing downwards); a vertex
+    # (x, y) is the top-left corner of pixel (row y, column x).
+    rows, cols = np.nonzero(inside & ~padded[:-2, 1:-1])  # top edges: (x, y) -> (x + 1, y)
+    edges = [((c, r), (c + 1, r)) for r, c in zip(rows.tolist(), cols.tolist())]
+    rows, cols = np.nonzero(inside & ~padded[1:-1, 2:])  # right edges: (x + 1, y) -> (x + 1, y + 1)
+    edges += [((c + 1, r), (c + 1, r + 1)) for r, c in zip(rows.tolist(), cols.tolist())]
+    rows, cols = np.nonzero(inside & ~padded[2:, 1:-1])  # bottom edges: (x + 1, y + 1) -> (x, y + 1)
+    edges += [((c + 1, r + 1), (c, r + 1)) for r, c in zip(rows.tolist(), cols.tolist())]
+    rows, cols = np.nonzero(inside & ~padded[1:-1, :-2])  # left edges: (x, y + 1) -> (x, y)
+    edges += [((c, r + 1), (c, r)) for r, c in zip(rows.tolist(), cols.tolist())]
+    successors: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for start, end in edges:
+        successors.setdefault(start, []).append(end)
+    first = min(successors)  # top-left-most vertex: on the outer boundary (holes are filled)
+    loop, vertex = [first], successors[first].pop()
+    while vertex != first:
+        loop.append(vertex)
+        vertex = successors[vertex].pop()
+    loop.append(first)
+    points = np.asarray(loop, dtype=np.float64)
+    turns = np.any(points[1:-1] - points[:-2] != points[2:] - points[1:-1], axis=1)
+    return np.vstack([points[:1], points[1:-1][turns], points[-1:]])
+
+
+def slice_areas(label_map: np.ndarray) -> np.ndarray:
+    """Pixel count of every label value on every slice: ``(n_slices, max label + 1)``, one pass over the volume."""
+    bins = int(label_map.max()) + 1
+    return np.stack([np.bincount(plane.ravel(), minlength=bins) for plane in label_map])
+
+
+def polygon_area(vertices: np.ndarray) -> float:
+    """Area enclosed by a closed (first = last) outline, in pixel units (shoelace formula)."""
+    x, y = vertices[:, 0], vertices[:, 1]
+    return abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))) / 2.0
 
 
 def organ_measurements(organ: OrganMeasurement) -> list[Measurement]:
@@ -45,6 +111,51 @@ def organ_measurements(organ: OrganMeasurement) -> list[Measurement]:
             derivation=coding.STANDARD_DEVIATION,
         ),
     ]
+
+
+def organ_cross_section_group(
+    source: SourceSeries,
+    label_map: np.ndarray,
+    organ: OrganMeasurement,
+    algorithm: AlgorithmInfo,
+    run: RunIdentity,
+    areas: np.ndarray | None = None,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """One TID 1410 Measurement Group (125007, DCM) for an organ's largest cross-section: the same Tracking
+    Identifier (112039, DCM) and Tracking Unique Identifier (112040, DCM) as its volumetric group, Finding
+    Category/Finding/Finding Site as there, Image Region (111030, DCM) = SCOORD POLYLINE, first vertex = last
+    (:func:`outer_boundary`), on the source slice where the organ covers most pixels (child IMAGE SELECTED FROM
+    that slice), Algorithm Identification, and Area (42798000, SCT) in cm2 of that region (from Pixel Spacing).
+    ``areas``: :func:`slice_areas` of ``label_map`` when already computed."""
+    if label_map.shape != source.shape:
+        raise ReportInputError(f"label map shape {label_map.shape} != source series shape {source.shape}")
+    areas = slice_areas(label_map) if areas is None else areas
+    if organ.label_value >= areas.shape[1] or not areas[:, organ.label_value].any():
+        raise ReportInputError(f"organ {organ.label_name!r} has no voxels in the label map")
+    index = int(np.argmax(areas[:, organ.label_value]))
+    image = source.dataset_for(index)
+    outline = outer_boundary(label_map[index] == organ.label_value)
+    row_mm, column_mm = (float(v) for v in image.PixelSpacing)
+    coded = organ.organ
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=tracking_uid(run, MEASUREMENT_KIND, organ.label_name),
+            identifier=organ.label_name,
+        ),
+        referenced_region=ImageRegion(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            source_image=SourceImageForRegion(str(image.SOPClassUID), str(image.SOPInstanceUID)),
+        ),
+        finding_category=coded.category,
+        finding_type=coded.property_type,
+        finding_sites=[FindingSite(anatomic_location=coded.property_type, laterality=coded.laterality)],
+        algorithm_id=algorithm_identification_items(algorithm),
+        measurements=[
+            Measurement(name=AREA, value=round(polygon_area(outline) * row_mm * column_mm / 100.0, 3),
+                        unit=SQUARE_CENTIMETER)
+        ],
+    )
 
 
 def organ_measurement_group(
@@ -83,18 +194,28 @@ def build_measurement_report(
     organs: Sequence[OrganMeasurement],
     algorithm: AlgorithmInfo,
     run: RunIdentity,
+    label_map: np.ndarray | None = None,
 ) -> Comprehensive3DSR:
     """Comprehensive 3D SR (1.2.840.10008.5.1.4.1.1.88.34) holding TID 1500 with root Imaging Measurement Report
     (126000, DCM): Language, Observation Context (the algorithm as device observer), Procedure Reported (25045-6,
     LN) and one measurement group per organ. Evidence: the source images and the SEG (Current Requested Procedure
-    Evidence Sequence); completion PARTIAL, verification UNVERIFIED (an algorithm's output, not a signed report)."""
+    Evidence Sequence); completion PARTIAL, verification UNVERIFIED (an algorithm's output, not a signed report).
+    ``label_map`` (``(n_slices, Rows, Columns)`` in source order, as for the SEG): when given, each organ's
+    volumetric group is followed by its cross-section group (:func:`organ_cross_section_group`, see module note)."""
     run.check_source(source)
     if not organs:
         raise ReportInputError("no organ measurements to report")
+    areas = None if label_map is None else slice_areas(label_map)
+    groups: list[VolumetricROIMeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations]
+    groups = []
+    for organ in organs:
+        groups.append(organ_measurement_group(organ, segmentation, algorithm, run))
+        if label_map is not None:
+            groups.append(organ_cross_section_group(source, label_map, organ, algorithm, run, areas))
     report = MeasurementReport(
         observation_context=observation_context(algorithm),
         procedure_reported=coding.PROCEDURE_CT,
-        imaging_measurements=[organ_measurement_group(o, segmentation, algorithm, run) for o in organs],
+        imaging_measurements=groups,
         title=REPORT_TITLE,
     )
     sr = Comprehensive3DSR(

@@ -165,7 +165,9 @@ def test_measurements_round_trip_and_reference_their_segment(built: Built) -> No
     seg = read(built, "seg")
     sr = read(built, "measurements")
     groups = [i for i in dicom_tools.content_items(sr) if dicom_tools.concept(i) == ("125007", "DCM")]
-    by_label = {dicom_tools.children(g, "112039", "DCM")[0].TextValue: g for g in groups}
+    volumetric = [g for g in groups if dicom_tools.children(g, "121191", "DCM")]  # those with a Referenced Segment
+    by_label = {dicom_tools.children(g, "112039", "DCM")[0].TextValue: g for g in volumetric}
+    assert len(volumetric) == len(built.ct.organs)
     assert set(by_label) == {o.label_name for o in built.ct.organs}
     source_uids = set(built.ct.source.sop_instance_uids)
     for organ in built.ct.organs:
@@ -191,6 +193,55 @@ def test_measurements_round_trip_and_reference_their_segment(built: Built) -> No
         assert seg.SegmentSequence[segment_number - 1].TrackingUID == tracking
         images = dicom_tools.children(group, "121233", "DCM")  # Source Image for Segmentation
         assert images and {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images} <= source_uids
+
+
+def test_each_organ_has_a_cross_section_group_with_its_outline_and_area(built: Built) -> None:
+    """The TID 1410 group per organ (what OHIF needs to show the organ's values): same tracking UID as the
+    volumetric group, a closed POLYLINE on the slice where the organ is largest, and the area inside it."""
+    sr = read(built, "measurements")
+    groups = [i for i in dicom_tools.content_items(sr) if dicom_tools.concept(i) == ("125007", "DCM")]
+    planar = [g for g in groups if dicom_tools.children(g, "111030", "DCM")]  # Image Region
+    assert len(planar) == len(groups) - len(built.ct.organs) == len(built.ct.organs)
+    ct = built.ct
+    for organ in ct.organs:
+        uid = dicom_tools.children(
+            next(g for g in groups if dicom_tools.children(g, "121191", "DCM")
+                 and dicom_tools.children(g, "112039", "DCM")[0].TextValue == organ.label_name), "112040", "DCM")[0].UID
+        group = next(g for g in planar if dicom_tools.children(g, "112040", "DCM")[0].UID == uid)
+        assert dicom_tools.children(group, "112039", "DCM")[0].TextValue == organ.label_name
+        region = dicom_tools.children(group, "111030", "DCM")[0]
+        assert region.ValueType == "SCOORD" and region.GraphicType == "POLYLINE"
+        points = np.asarray(region.GraphicData, dtype=float).reshape(-1, 2)
+        assert np.array_equal(points[0], points[-1]) and len(points) >= 5
+        areas = (ct.label_map == organ.label_value).sum(axis=(1, 2))
+        largest = int(np.argmax(areas))
+        image = region.ContentSequence[0]
+        assert image.RelationshipType == "SELECTED FROM"
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ct.source.sop_instance_uids[largest]
+        # Every vertex lies on a pixel corner of the organ's mask on that slice, inside the image.
+        mask = ct.label_map[largest] == organ.label_value
+        assert points.min() >= 0 and points[:, 0].max() <= mask.shape[1] and points[:, 1].max() <= mask.shape[0]
+        area = dicom_tools.children(group, "42798000", "SCT")[0].MeasuredValueSequence[0]
+        assert area.MeasurementUnitsCodeSequence[0].CodeValue == "cm2"
+        spacing = np.prod([float(v) for v in ct.source.datasets[largest].PixelSpacing])
+        assert float(area.NumericValue) == pytest.approx(areas[largest] * spacing / 100.0, abs=1e-3)
+
+
+def test_outer_boundary_follows_pixel_edges_of_the_largest_component() -> None:
+    from reports.measurement_sr import outer_boundary, polygon_area
+
+    mask = np.zeros((12, 12), dtype=bool)
+    mask[2:8, 2:9] = True
+    mask[4:6, 4:6] = False  # a hole: filled, the outline is the outer one
+    mask[8, 3] = True  # a one-pixel bump below
+    mask[10:12, 10:12] = True  # a smaller separate component: ignored
+    outline = outer_boundary(mask)
+    assert np.array_equal(outline[0], outline[-1])
+    assert polygon_area(outline) == 6 * 7 + 1
+    assert outline[:, 0].min() == 2 and outline[:, 0].max() == 9 and outline[:, 1].max() == 9
+    assert len(outline) == 9  # corners only: rectangle (4) + bump (4) + the repeated first vertex
+    with pytest.raises(ReportInputError):
+        outer_boundary(np.zeros((4, 4), dtype=bool))
 
 
 def test_segmentation_masks_round_trip(built: Built) -> None:
