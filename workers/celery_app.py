@@ -34,7 +34,7 @@ def make_celery(settings: Settings) -> Celery:
     )
     if settings.is_embedded_broker:
         folder = settings.broker_dir
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_url"] = "filesystem://localhost//"
         conf["broker_transport_options"] = {
@@ -42,6 +42,7 @@ def make_celery(settings: Settings) -> Celery:
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            "control_folder": str(folder / "control"),  # kombu's default is ./control in the working directory
         }
     else:
         # Redis redelivers an unacknowledged task after the visibility timeout (a worker killed mid-task).
