@@ -59,3 +59,24 @@ def totalseg_example_nifti(name: str = "example_ct.nii.gz") -> Path:
     path = totalseg_sdist_dir() / "tests" / "reference_files" / name
     assert path.exists(), f"{path} missing from the sdist"
     return path
+
+
+def fixed_totalseg_series(out: Path) -> list[Path]:
+    """The sdist's real 20-slice CT with valid UIDs restored (de-identification blanked them; a PACS would refuse
+    such files). Pixel data and transfer syntax (JPEG 2000 lossless) are untouched."""
+    import pydicom
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    source = totalseg_example_dicom_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    written = []
+    for path in sorted(source.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID or generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        target = out / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(target)
+        written.append(target)
+    return written

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, generate_uid
 from sqlalchemy import func, select
 
 from db.models import Instance, PipelineRun, RunState, StageRecord
@@ -18,6 +17,7 @@ from omnict_node.config import load_settings
 from tests import services
 from tests.dicom_factory import TEST_PATIENT_ID, TEST_PATIENT_NAME, write_ct_series
 from tests.node_process import NodeProcess
+from tests.realdata import fixed_totalseg_series
 
 pytestmark = pytest.mark.slow
 
@@ -128,26 +128,8 @@ def test_orthanc_sends_a_study_to_the_node(node, settings, tmp_path):
         orthanc.stop()
 
 
-def fixed_totalseg_series(source: Path, out: Path) -> list[Path]:
-    """The sdist's real series has its UIDs blanked by de-identification: restore valid ones (pixel data untouched)."""
-    out.mkdir(parents=True, exist_ok=True)
-    study_uid, series_uid = generate_uid(), generate_uid()
-    written = []
-    for path in sorted(source.iterdir()):
-        ds = pydicom.dcmread(path)
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID or generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        target = out / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(target)
-        written.append(target)
-    return written
-
-
 def test_real_jpeg2000_ct_series_is_received_and_assembled(node, settings, tmp_path):
-    from tests.realdata import totalseg_example_dicom_dir
-
-    paths = fixed_totalseg_series(totalseg_example_dicom_dir(), tmp_path / "real")
+    paths = fixed_totalseg_series(tmp_path / "real")
     assert pydicom.dcmread(paths[0]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
     study_uid = pydicom.dcmread(paths[0]).StudyInstanceUID
     result = storescu(settings, tmp_path / "real", "-xv")  # propose JPEG 2000 lossless: sent as stored

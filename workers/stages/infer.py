@@ -27,6 +27,11 @@ log = logging.getLogger("omnict.stage.infer")
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "omnict-tiny-phantom"
 REPORT_QUESTION_ID = "report"
+NO_ANSWER = "[no answer generated]"  # an empty generation must still be an explicit, valid SR text value
+
+
+def _answer_text(text: str) -> str:
+    return text.strip() or NO_ANSWER
 
 
 def checkpoint_dir(context: StageContext) -> Path:
@@ -77,13 +82,14 @@ def infer(context: StageContext) -> dict:
     for (question, _region), answer in zip(battery, answers, strict=True):
         code = FINDINGS[question.finding]
         rows.append(Finding(
-            run_id=context.run_id, question_id=question.id, question=question.text, answer=answer.text,
+            run_id=context.run_id, question_id=question.id, question=question.text, answer=_answer_text(answer.text),
             organ=question.finding_site, code_value=code.value, code_scheme=code.scheme_designator,
             code_meaning=code.meaning, positive=judgment(answer.text), critical=question.critical,
             urgency_weight=question.urgency_weight, key_slices=list(answer.key_slices),
             key_sop_instance_uids=[u for u in (plane_to_sop_uid(assembled, s) for s in answer.key_slices) if u]))
     rows.append(Finding(
-        run_id=context.run_id, question_id=REPORT_QUESTION_ID, question=protocol.report_prompt, answer=report.text,
+        run_id=context.run_id, question_id=REPORT_QUESTION_ID, question=protocol.report_prompt,
+        answer=_answer_text(report.text),
         key_slices=list(report.key_slices),
         key_sop_instance_uids=[u for u in (plane_to_sop_uid(assembled, s) for s in report.key_slices) if u]))
     with session_scope(context.session_factory) as session:
@@ -97,5 +103,5 @@ def infer(context: StageContext) -> dict:
         "protocol": protocol.version,
         "questions": len(battery),
         "positive": positives,
-        "report": report.text,
+        "report": _answer_text(report.text),
     }

@@ -1,0 +1,110 @@
+"""Evaluation: answer parsing, metrics from maintained packages, group tables, chance levels, and the Table 14
+stress test (mismatch / noise) on a real (untrained) model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tests.omnict_core.test_data import build_tiny_vqa
+
+
+@pytest.fixture(scope="module")
+def vqa_dir(tmp_path_factory):
+    return build_tiny_vqa(tmp_path_factory)
+
+
+def test_closed_answer_parsing():
+    from omnict_core.evaluation.metrics import extract_choice, normalize_yes_no
+
+    assert normalize_yes_no("Yes") == "yes" and normalize_yes_no("no, there is none.") == "no"
+    assert normalize_yes_no("Maybe") is None and normalize_yes_no("") is None
+    assert extract_choice("B. right lower lobe") == "B" and extract_choice("(c) left") == "C"
+    assert extract_choice("right lower lobe") is None
+
+
+def test_open_metrics_come_from_the_packages():
+    from omnict_core.evaluation.metrics import OpenAnswerScorer, token_f1
+
+    scorer = OpenAnswerScorer()
+    same = scorer.score("A 12 mm nodule in the right upper lobe.", "A 12 mm nodule in the right upper lobe.")
+    assert same["bleu"] == pytest.approx(1.0) and same["rouge_l"] == pytest.approx(1.0)
+    assert same["token_f1"] == pytest.approx(1.0)
+    other = scorer.score("left kidney stone", "A 12 mm nodule in the right upper lobe.")
+    assert other["rouge_l"] == 0.0 and other["token_f1"] == 0.0 and other["bleu"] < 0.05
+    assert token_f1("right upper lobe", "right lower lobe") == pytest.approx(2 / 3)
+    if scorer.meteor_unavailable is None:  # WordNet found (Debian wordnet-base): a real METEOR
+        assert same["meteor"] > 0.9 and other["meteor"] < 0.2
+        # synonyms count in METEOR (WordNet), not in token-F1
+        ref = "the patient is sick today"  # NLTK matches synonyms after stemming: a pair Porter leaves intact
+        synonym = scorer.score("the patient is ill today", ref)
+        unrelated = scorer.score("the patient is old today", ref)
+        assert synonym["meteor"] > unrelated["meteor"] + 0.05 and synonym["token_f1"] == unrelated["token_f1"]
+    else:
+        assert same["meteor"] is None and "wordnet" in scorer.meteor_unavailable.lower()
+
+
+def test_scores_group_by_organ_category_and_size():
+    from omnict_core.evaluation.metrics import score_predictions, summarize
+
+    def sample(task, answer, organ, category, bucket, options=None):
+        return {"task_type": task, "answer": answer, "organ": organ, "category": category, "finding_type": "x",
+                "size_bucket": bucket, "dim": "2d", "options": options}
+
+    samples = [sample("judgment", "Yes", "lungs", "abnormality", "<=10 mm"),
+               sample("judgment", "No", "lungs", "abnormality", ">20 mm"),
+               sample("multiple_choice", "C. left", "liver", "interpretation", "n/a", ["a", "b", "left", "d"]),
+               sample("short_answer", "right upper lobe", "lungs", "interpretation", "n/a")]
+    preds = ["Yes", "Yes", "C", "right lower lobe"]
+    out = summarize(score_predictions(samples, preds))
+    assert out["overall"]["accuracy"] == pytest.approx(2 / 3)
+    assert out["overall"]["chance"] == pytest.approx((0.5 + 0.5 + 0.25) / 3)
+    assert out["groups"]["organ"]["lungs"]["accuracy"] == pytest.approx(0.5)
+    assert out["groups"]["organ"]["liver"]["accuracy"] == pytest.approx(1.0)
+    assert out["groups"]["size_bucket"]["<=10 mm"]["accuracy"] == 1.0
+    assert out["groups"]["size_bucket"][">20 mm"]["accuracy"] == 0.0
+    assert out["groups"]["category"]["interpretation"]["token_f1"] == pytest.approx(2 / 3)
+    assert out["overall"]["open_n"] == 1 and out["overall"]["exact"] == 0.0
+
+
+def test_mismatch_pairs_other_studies_of_the_same_kind(vqa_dir):
+    from omnict_core.data.dataset import PhantomVQADataset
+    from omnict_core.evaluation.runner import apply_condition
+
+    dataset = PhantomVQADataset(vqa_dir, "bench")
+    indices = list(range(len(dataset)))
+    apply_condition(dataset, "mismatch", indices, seed=1)
+    assert len(dataset.image_override) > len(indices) // 2
+    for i, (image, _) in list(dataset.image_override.items())[:20]:
+        original, _ = dataset.load_image(dataset.samples[i])
+        assert image.shape == original.shape and not np.array_equal(image, original)
+    apply_condition(dataset, "noise", indices[:5], seed=1)
+    for image, labels in dataset.image_override.values():
+        assert 0.0 <= image.min() and image.max() <= 1.0 and not labels.any()  # nothing to segment in noise
+
+
+def test_evaluate_runs_all_conditions_on_a_model(vqa_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from omnict_core.evaluation.cli import eval_command
+    from omnict_core.modeling_omnict import build_model, save_omnict
+    from omnict_core.tokenization_omnict import load_tokenizer
+
+    tokenizer = load_tokenizer(str(vqa_dir / "tokenizer"))
+    model_dir = save_omnict(build_model("tiny", tokenizer), tokenizer, tmp_path / "untrained")
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(eval_command, ["--model", str(model_dir), "--bench", str(vqa_dir), "--limit", "6",
+                                               "--task", "judgment", "--task", "multiple_choice",
+                                               "--out", str(out), "--threads", "1", "--batch-size", "6"])
+    assert result.exit_code == 0, result.output
+    assert "Robustness (paper Table 14)" in result.output and "mismatch" in result.output
+    import json
+
+    data = json.loads(out.read_text())
+    assert set(data["conditions"]) == {"normal", "mismatch", "noise"}
+    acc = data["conditions"]["normal"]["overall"]["accuracy"]
+    assert acc is None or 0.0 <= acc <= 1.0
+    assert len(data["predictions"]) == 6 and all(isinstance(p["prediction"], str) for p in data["predictions"])
+    assert not math.isnan(data["conditions"]["noise"]["overall"]["chance"] or 0.0)

@@ -1,0 +1,93 @@
+"""Trainer: a few real steps on phantom VQA, stage freezing, warmup-cosine, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.omnict_core.test_data import build_tiny_vqa
+
+
+@pytest.fixture(scope="module")
+def vqa_dir(tmp_path_factory):
+    return build_tiny_vqa(tmp_path_factory)
+
+
+def _config(data_dir, out_dir, **kw):
+    from omnict_core.training.trainer import TrainConfig
+
+    base = dict(data_dir=str(data_dir), out_dir=str(out_dir), stage=2, steps=4, batch_size=2, lr=1e-3,
+                save_every=2, seed=3, progress=False, max_samples=40, num_threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_warmup_cosine_schedule():
+    from omnict_core.training.schedule import warmup_cosine_factor
+
+    assert warmup_cosine_factor(0, 100, 4) == pytest.approx(0.25)
+    assert warmup_cosine_factor(3, 100, 4) == pytest.approx(1.0)
+    assert warmup_cosine_factor(52, 100, 4) == pytest.approx(0.5)  # half-way through the cosine
+    assert warmup_cosine_factor(100, 100, 4) == pytest.approx(0.0, abs=1e-9)
+    assert all(warmup_cosine_factor(s, 100, 4) >= warmup_cosine_factor(s + 1, 100, 4) for s in range(3, 99))
+
+
+def test_stages_freeze_what_the_paper_freezes(vqa_dir, tmp_path):
+    from omnict_core.training.trainer import Trainer
+
+    stage1 = Trainer(_config(vqa_dir, tmp_path / "s1", stage=1)).model
+    assert not any(p.requires_grad for p in stage1.language_model.parameters())  # LLM frozen
+    assert all(p.requires_grad for p in stage1.projector.parameters())  # MHP trained
+    assert all(p.requires_grad for p in stage1.vision_tower.parameters())  # random-init tower must learn
+    stage2 = Trainer(_config(vqa_dir, tmp_path / "s2", stage=2)).model
+    assert all(p.requires_grad for p in stage2.parameters())
+
+
+def test_steps_run_and_resume_reproduces_the_uninterrupted_run(vqa_dir, tmp_path):
+    from omnict_core.modeling_omnict import load_omnict
+    from omnict_core.training.trainer import Trainer
+
+    straight = Trainer(_config(vqa_dir, tmp_path / "straight"))
+    losses = [h["loss"] for h in straight.train(resume=False)]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+
+    interrupted = Trainer(_config(vqa_dir, tmp_path / "resumed"))
+    interrupted.train(resume=False, stop_after=2)  # "crash" after step 2: checkpoint-last holds step 2
+    assert (tmp_path / "resumed" / "checkpoint-last" / "trainer_state.pt").is_file()
+    assert not (tmp_path / "resumed" / "config.json").exists()  # not finished
+    resumed = Trainer(_config(vqa_dir, tmp_path / "resumed"))  # a new process would do exactly this
+    history = resumed.train(resume=True)
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert resumed.position == straight.position == 4 * 2
+    for step in (2, 3):  # the losses after the resume point equal the uninterrupted run's
+        assert history[step]["loss"] == pytest.approx(losses[step], rel=1e-5, abs=1e-6)
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.allclose(tensor, resumed.model.state_dict()[name], atol=1e-6), name
+
+    summary = json.loads((tmp_path / "resumed" / "training_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["samples_seen"] == 8
+    model, tokenizer = load_omnict(tmp_path / "resumed")  # the output is a loadable model directory
+    assert model.config.use_ose and len(tokenizer) == model.config.text_config.vocab_size
+
+
+def test_cli_trains_an_ablation_without_ose(vqa_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from omnict_core.training.cli import train
+
+    out = tmp_path / "no-ose"
+    result = CliRunner().invoke(train, ["--data", str(vqa_dir), "--out", str(out), "--stage", "1", "--steps", "1",
+                                        "--batch-size", "2", "--no-ose", "--max-samples", "10", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "use_ose=False" in result.output
+    assert json.loads((out / "config.json").read_text())["use_ose"] is False
+
+
+def test_init_from_a_missing_directory_is_a_clear_error(vqa_dir, tmp_path):
+    from omnict_core.training.trainer import Trainer
+
+    with pytest.raises(FileNotFoundError, match="not-there"):
+        Trainer(_config(vqa_dir, tmp_path / "x", init_from=str(tmp_path / "not-there")))
