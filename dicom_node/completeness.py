@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent, PipelineRun, RunState, Series, Study, utcnow
 from db.session import session_scope
 from omnict_node.config import CompletenessSettings
 from omnict_node.logs import log_event
+from omnict_node.periodic import PeriodicThread
 
 log = logging.getLogger("omnict.completeness")
 
@@ -99,15 +99,17 @@ def force_complete(session: Session, study_instance_uid: str, actor: str = "cli"
     return run.id
 
 
-class CompletenessSweeper:
+class CompletenessSweeper(PeriodicThread):
     """Periodically completes quiet studies and dispatches complete runs to the pipeline."""
 
+    name = "completeness-sweeper"
+
     def __init__(self, rules: CompletenessSettings, session_factory: sessionmaker[Session], dispatch: Dispatcher) -> None:
+        super().__init__()
         self.rules = rules
         self.session_factory = session_factory
         self.dispatch = dispatch
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.interval_s = rules.sweep_interval_s
 
     # -- one sweep -------------------------------------------------------------------------------------------
     def sweep_once(self, now: dt.datetime | None = None) -> list[CompletedRun]:
@@ -155,27 +157,5 @@ class CompletenessSweeper:
                 session.execute(update(PipelineRun).where(PipelineRun.id == run_id).values(dispatched_at=now))
             log_event(log, "pipeline.dispatched", run_id=run_id)
 
-    # -- background loop -------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="completeness-sweeper", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(10)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sweep_once()
-            except Exception:
-                log.exception("completeness.sweep.error")
-            self._stop.wait(self.rules.sweep_interval_s)
-
-
-def count_runs(session: Session, study_instance_uid: str) -> int:
-    """How many runs a study has had (used by status and tests)."""
-    return session.scalar(
-        select(func.count(PipelineRun.id)).join(Study).where(Study.study_instance_uid == study_instance_uid)
-    ) or 0
+    def tick(self) -> list[CompletedRun]:
+        return self.sweep_once()

@@ -9,7 +9,6 @@ run still produces exactly one set of results (result UIDs derive from the run).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
 from sqlalchemy import update
@@ -18,20 +17,22 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import PipelineRun, utcnow
 from db.session import session_scope
 from omnict_node.logs import log_event
+from omnict_node.periodic import PeriodicThread
 from workers.pipeline import Stage, stalled_runs
 
 log = logging.getLogger("omnict.watchdog")
 
 
-class StallWatchdog:
+class StallWatchdog(PeriodicThread):
+    name = "stall-watchdog"
+    interval_s = 2.0
+
     def __init__(self, session_factory: sessionmaker[Session], stall_timeout_s: float,
-                 dispatch: Callable[[int, Stage], None], interval_s: float = 2.0) -> None:
+                 dispatch: Callable[[int, Stage], None]) -> None:
+        super().__init__()
         self.session_factory = session_factory
         self.stall_timeout_s = stall_timeout_s
         self.dispatch = dispatch
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def check_once(self) -> list[int]:
         """Re-dispatch every stalled run once; returns their ids."""
@@ -45,18 +46,5 @@ class StallWatchdog:
             self.dispatch(run_id, stage)
         return [run_id for run_id, _ in stalled]
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="stall-watchdog", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(10)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.check_once()
-            except Exception:
-                log.exception("watchdog.check.error")
+    def tick(self) -> list[int]:
+        return self.check_once()

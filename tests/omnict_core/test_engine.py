@@ -11,14 +11,6 @@ from omnict_core.modeling_omnict import build_model, save_omnict
 from omnict_core.preprocessing import prepare_slice, prepare_volume
 from omnict_core.tokenization_omnict import train_tokenizer
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on the shared 2-core machine two spinning OpenMP threads
-    per process make them ~5x slower under load; restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 QA = [

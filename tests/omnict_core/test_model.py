@@ -14,14 +14,6 @@ from omnict_core.tokenization_omnict import (
     IGNORE_INDEX, build_prompt, collate_examples, encode_example, load_tokenizer, train_tokenizer,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on the shared 2-core machine two spinning OpenMP threads
-    per process make them ~5x slower under load; restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 CORPUS = [
