@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -123,11 +123,16 @@ def test_dciodvfy_reports_no_errors(built: Built, name: str) -> None:
         (
             "findings",
             [
-                '(VQA-QUESTION,99OMNICT,"Question")="Is there a pleural effusion?"',
-                '="Yes, a small right-sided pleural effusion is present."',
-                '(60046008,SCT,"Pleural effusion")=(52101004,SCT,"Present")',
-                '(260870009,SCT,"Priority")=(103391001,SCT,"Urgent")',
-                '(389026000,SCT,"Ascites")=(272519000,SCT,"Absent")',
+                '<CONTAINER:(18748-4,LN,"Diagnostic Imaging Report")=SEPARATE>',
+                '<contains CONTAINER:(59776-5,LN,"Findings")=SEPARATE>',
+                '<contains TEXT:(VQA-QUESTION,99OMNICT,"Question")="Is there a pleural effusion?">',
+                '<contains TEXT:(121071,DCM,"Finding")="Yes, a small right-sided pleural effusion is present.">',
+                '<has concept mod CODE:(260870009,SCT,"Priority")=(103391001,SCT,"Urgent")>',
+                '<inferred from IMAGE:(121080,DCM,"Best illustration of finding")=(CT image,',
+                '<contains CODE:(60046008,SCT,"Pleural effusion")=(52101004,SCT,"Present")>',
+                '<has concept mod CODE:(363698007,SCT,"Finding Site")=(39607008,SCT,"Lung")>',
+                '<has concept mod CODE:(272741003,SCT,"Laterality")=(24028007,SCT,"Right")>',
+                '<contains CODE:(389026000,SCT,"Ascites")=(272519000,SCT,"Absent")>',
             ],
         ),
         ("narrative", ['(59776-5,LN,"Findings")', '(19005-8,LN,"Impressions")', "URGENT: Yes, a small right-sided"]),
@@ -150,15 +155,14 @@ def test_dsrdump_and_dsr2html_render_the_content(built: Built, name: str, expect
 
 
 def test_every_measurement_group_has_tracking_identifier_and_uid(built: Built) -> None:
-    for name in ("measurements", "findings"):
-        items = dicom_tools.content_items(read(built, name))
-        groups = [i for i in items if dicom_tools.concept(i) == ("125007", "DCM")]
-        assert groups, name
-        for group in groups:
-            identifiers = dicom_tools.children(group, "112039", "DCM")
-            uids = dicom_tools.children(group, "112040", "DCM")
-            assert len(identifiers) == 1 and identifiers[0].TextValue, name
-            assert len(uids) == 1 and UID_PATTERN.match(uids[0].UID), name
+    items = dicom_tools.content_items(read(built, "measurements"))
+    groups = [i for i in items if dicom_tools.concept(i) == ("125007", "DCM")]
+    assert groups
+    for group in groups:
+        identifiers = dicom_tools.children(group, "112039", "DCM")
+        uids = dicom_tools.children(group, "112040", "DCM")
+        assert len(identifiers) == 1 and identifiers[0].TextValue
+        assert len(uids) == 1 and UID_PATTERN.match(uids[0].UID)
 
 
 def test_measurements_round_trip_and_reference_their_segment(built: Built) -> None:
@@ -266,19 +270,167 @@ def test_segmentation_masks_round_trip(built: Built) -> None:
     assert "task=total" in algorithm.AlgorithmParameters
 
 
+@dataclass
+class ReadAnswer:
+    """One answer as read back from the findings SR's Findings section."""
+
+    question: str
+    answer: str
+    images: list[str]  # SOP Instance UIDs INFERRED FROM by the answer text
+    priority: str | None = None
+    finding: tuple[str, str] | None = None  # (code value, scheme) of the coded finding
+    presence: str | None = None  # its presence (the CODE's value), or the bare Presence of property (121052, DCM)
+    site: str | None = None  # code value of Finding Site (363698007, SCT)
+    laterality: str | None = None
+    finding_images: list[str] = field(default_factory=list)
+
+
+def code_of(item: pydicom.Dataset) -> tuple[str, str]:
+    return str(item.ConceptCodeSequence[0].CodeValue), str(item.ConceptCodeSequence[0].CodingSchemeDesignator)
+
+
+def modifiers(item: pydicom.Dataset) -> tuple[str | None, str | None, str | None, str | None]:
+    """(priority, presence, site, laterality) code values among an item's HAS CONCEPT MOD children."""
+    found: dict[tuple[str, str], pydicom.Dataset] = {}
+    for child in item.get("ContentSequence", []):
+        if child.RelationshipType == "HAS CONCEPT MOD":
+            assert dicom_tools.concept(child) not in found, "a modifier repeated"
+            found[dicom_tools.concept(child)] = child
+    site = found.get(("363698007", "SCT"))
+    laterality = dicom_tools.children(site, "272741003", "SCT") if site is not None else []
+    return (
+        code_of(found[("260870009", "SCT")])[0] if ("260870009", "SCT") in found else None,
+        code_of(found[("121052", "DCM")])[0] if ("121052", "DCM") in found else None,
+        code_of(site)[0] if site is not None else None,
+        code_of(laterality[0])[0] if laterality else None,
+    )
+
+
+def inferred_images(item: pydicom.Dataset) -> list[str]:
+    images = [c for c in item.get("ContentSequence", []) if c.ValueType == "IMAGE"]
+    for image in images:  # TID 2002 row 2/4 -> TID 2001 row 1: INFERRED FROM IMAGE, a CID 7003 purpose
+        assert image.RelationshipType == "INFERRED FROM" and dicom_tools.concept(image) == ("121080", "DCM")
+    return [str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in images]
+
+
+def read_answers(sr: pydicom.Dataset) -> list[ReadAnswer]:
+    """Parse the Findings section back into answers: a Question TEXT opens an answer, the Finding TEXT is its
+    answer, a CODE its coded finding (<finding> = presence, or Finding (121071, DCM) = <finding>); nothing else."""
+    (section,) = [i for i in sr.ContentSequence if dicom_tools.concept(i) == ("59776-5", "LN")]
+    assert section.ValueType == "CONTAINER" and section.ContinuityOfContent == "SEPARATE"
+    answers: list[ReadAnswer] = []
+    for item in section.ContentSequence:
+        assert item.RelationshipType == "CONTAINS"
+        if item.ValueType == "TEXT" and dicom_tools.concept(item) == ("VQA-QUESTION", "99OMNICT"):
+            answers.append(ReadAnswer(question=item.TextValue, answer="", images=[]))
+        elif item.ValueType == "TEXT" and dicom_tools.concept(item) == ("121071", "DCM"):
+            current = answers[-1]
+            assert current.answer == "", "two answer texts for one question"
+            current.answer, current.images = item.TextValue, inferred_images(item)
+            current.priority, current.presence, current.site, current.laterality = modifiers(item)
+        elif item.ValueType == "CODE":
+            current = answers[-1]
+            assert current.answer and current.finding is None and current.presence is None, "coded finding misplaced"
+            if dicom_tools.concept(item) == ("121071", "DCM"):  # the coded answer is itself the finding
+                current.finding = code_of(item)
+            else:  # <finding asked about> = its presence
+                current.finding, current.presence = dicom_tools.concept(item), code_of(item)[0]
+                presence_values = {c.value for c in codes.cid240.concepts.values()}
+                assert code_of(item)[1] == "SCT" and current.presence in presence_values
+            priority, presence, current.site, current.laterality = modifiers(item)
+            assert priority is None and presence is None
+            current.finding_images = inferred_images(item)
+        else:
+            raise AssertionError(f"unexpected item in Findings: {item.ValueType} {dicom_tools.concept(item)}")
+    return answers
+
+
+def test_findings_sr_is_a_tid_2000_diagnostic_imaging_report(built: Built) -> None:
+    sr = read(built, "findings")
+    assert sr.SOPClassUID == pydicom.uid.ComprehensiveSRStorage
+    assert (sr.ValueType, dicom_tools.concept(sr)) == ("CONTAINER", ("18748-4", "LN"))
+    assert sr.ContinuityOfContent == "SEPARATE"
+    template = sr.ContentTemplateSequence[0]
+    assert (template.MappingResource, template.TemplateIdentifier) == ("DCMR", "2000")
+    # TID 2000 rows in order: Procedure reported, Language (TID 1204), Observation Context (TID 1001), ..., headings
+    top = [(i.RelationshipType, dicom_tools.concept(i)) for i in sr.ContentSequence]
+    assert top[:3] == [("HAS CONCEPT MOD", ("121058", "DCM")), ("HAS CONCEPT MOD", ("121049", "DCM")),
+                       ("HAS OBS CONTEXT", ("121005", "DCM"))]
+    assert code_of(sr.ContentSequence[2]) == ("121007", "DCM")  # Observer Type = Device
+    assert top[-1] == ("CONTAINS", ("59776-5", "LN")) and [t for t in top if t[0] == "CONTAINS"] == top[-1:]
+    assert not [i for i in dicom_tools.content_items(sr) if dicom_tools.concept(i) == ("126000", "DCM")]
+    assert not [i for i in dicom_tools.content_items(sr) if dicom_tools.concept(i) == ("125007", "DCM")]
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99OMNICT"
+
+
+def test_findings_sr_answers_round_trip(built: Built) -> None:
+    source = built.ct.source
+    read_back = read_answers(read(built, "findings"))
+    assert len(read_back) == len(built.answers)
+    for got, answer in zip(read_back, built.answers, strict=True):
+        assert (got.question, got.answer) == (answer.question, answer.answer)  # verbatim, any script
+        assert got.priority == answer.urgency_level.value.value
+        wanted = {source.dataset_for(ref).SOPInstanceUID for ref in answer.key_images}
+        assert got.images == [uid for uid in source.sop_instance_uids if uid in wanted]  # series order, once each
+        site = answer.site
+        assert got.site == (site.property_type.value if site else None)
+        assert got.laterality == (site.laterality.value if site and site.laterality else None)
+        if answer.finding is not None:
+            assert got.finding == (answer.finding.value, answer.finding.scheme_designator)
+            assert got.presence == answer.coded_answer.value  # all coded here
+            assert got.finding_images == got.images
+        else:
+            assert got.finding is None and got.presence is None
+    # the first answer: urgent, right lung, present
+    assert read_back[0].laterality == coding.RIGHT.value and read_back[0].presence == coding.PRESENT.value
+    assert read_back[2].presence == coding.ABSENT.value and read_back[2].images == []
+
+
+def test_coded_findings_always_state_their_presence(built: Built) -> None:
+    """A finding asked about without a coded answer is written as <finding> = Undetermined (never as if present); a
+    coded answer that is itself a finding becomes Finding = <it>; a bare Present modifies the answer text; a finding
+    answered with anything but a CID 240 presence is refused."""
+    from reports.vqa_sr import UNDETERMINED, build_findings_report
+
+    ct, run = built.ct, built.run
+    spleen = coding.FINDINGS["splenomegaly"]
+    answers = [
+        VqaAnswer("Is there splenomegaly?", "No, the spleen is of normal size.", finding=spleen, finding_site="spleen"),
+        VqaAnswer("What is the main finding?", "A liver lesion.", coded_answer=coding.FINDINGS["liver_lesion"]),
+        VqaAnswer("Anything in the abdomen?", "Yes.", coded_answer=coding.PRESENT, finding_site="abdomen"),
+    ]
+    sr = build_findings_report(ct.source, answers, ALGORITHM, run)
+    got = read_answers(sr)  # the dataset as built, no file needed
+    spleen_site, abdomen_site = (coding.organ_coding(n).property_type.value for n in ("spleen", "abdomen"))
+    assert (got[0].finding, got[0].presence, got[0].site) == (("16294009", "SCT"), UNDETERMINED.value, spleen_site)
+    assert (got[1].finding, got[1].presence) == (("300331000", "SCT"), None)
+    assert (got[2].finding, got[2].presence, got[2].site) == (None, coding.PRESENT.value, abdomen_site)
+    with pytest.raises(ReportInputError, match="CID 240"):
+        build_findings_report(ct.source, [VqaAnswer("q", "a", coded_answer=spleen, finding=spleen)], ALGORITHM, run)
+    with pytest.raises(ReportInputError, match="no answers"):
+        build_findings_report(ct.source, [], ALGORITHM, run)
+
+
 def test_key_image_references_point_at_real_source_images(built: Built) -> None:
     source = built.ct.source
     findings = read(built, "findings")
-    groups = [i for i in dicom_tools.content_items(findings) if dicom_tools.concept(i) == ("125007", "DCM")]
-    for group, answer in zip(groups, built.answers, strict=True):
-        assert dicom_tools.children(group, "121071", "DCM")[-1].TextValue == answer.answer  # verbatim, any script
-        images = dicom_tools.children(group, "121112", "DCM")  # Source of Measurement
-        referenced = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images}
-        assert referenced == {source.dataset_for(ref).SOPInstanceUID for ref in answer.key_images}
+    source_by_uid = {ds.SOPInstanceUID: ds for ds in source.datasets}
+    for got, answer in zip(read_answers(findings), built.answers, strict=True):
+        assert set(got.images) == {source.dataset_for(ref).SOPInstanceUID for ref in answer.key_images}
+    images = [i for i in dicom_tools.content_items(findings) if i.ValueType == "IMAGE"]
+    for image in images:  # each reference names a real slice with its real SOP class
+        reference = image.ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPClassUID == source_by_uid[reference.ReferencedSOPInstanceUID].SOPClassUID
+    evidence = findings.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    listed = {ref.ReferencedSOPInstanceUID for series in evidence for ref in series.ReferencedSOPSequence}
+    assert {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images} <= listed
     kos = read(built, "kos")
     kos_images = [i for i in dicom_tools.content_items(kos) if i.ValueType == "IMAGE"]
     expected = {source.sop_instance_uids[i] for i in (3, 5, 6)}
     assert {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in kos_images} == expected
+    kos_sr = [i for i in dicom_tools.content_items(kos) if i.ValueType == "COMPOSITE"]
+    assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in kos_sr] == [findings.SOPInstanceUID]
+    assert kos_sr[0].ReferencedSOPSequence[0].ReferencedSOPClassUID == findings.SOPClassUID
     evidence = kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     listed = {ref.ReferencedSOPInstanceUID for series in evidence for ref in series.ReferencedSOPSequence}
     assert expected <= listed and findings.SOPInstanceUID in listed
