@@ -9,18 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import chromium, needs_chromium
+
 from db.models import utcnow
 from tests.api.conftest import RADIOLOGIST_TOKEN, READ_TOKEN
 from tests.api.seed import NO_EFFUSION, NODULE, PNEUMOTHORAX, FindingSpec, seed_processed_study
 from tests.services import free_port, wait_for_port
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "api"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = [
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (apt-get install chromium)"),
+    needs_chromium,
     pytest.mark.parametrize("database_url", ["postgresql"], indirect=True),
 ]
 
@@ -44,11 +43,8 @@ def server(settings, session_factory, auth, rules):
 
 @pytest.fixture
 def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 def test_worklist_and_study_pages_in_chromium(server, browser, settings, session_factory):

@@ -19,20 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.browser import chromium, needs_chromium
+
 from tests.services import OrthancServer, start_orthanc
 from tests.viewer.content import ViewerContent, build_phantom_results, upload
 from tests.viewer.ohif_server import REPO_ROOT, OhifServer, OhifUnavailable, ensure_ohif_dist
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "artifacts" / "viewer"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 FIRST_LOAD_MS = 90_000  # OHIF's first load on a loaded 2-core machine (measured 8-15 s idle)
 STEP_MS = 45_000
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (apt-get install chromium)"),
+    needs_chromium,
 ]
 
 
@@ -82,11 +81,8 @@ def ohif(ohif_dist: Path, pacs: OrthancServer) -> Iterator[OhifServer]:
 
 @pytest.fixture(scope="module")
 def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture
