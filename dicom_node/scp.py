@@ -447,13 +447,14 @@ class StorageSCP:
             association_id=facts.id if facts else None,
             replaces_existing=stored.outcome is StoreOutcome.REPLACED,
         )
-        # The database commit (registrar thread) and the directory fsync (here) run at the same time; the
-        # instance is acknowledged only when both are done.
-        registration = self.registrar.submit(record)
+        # Directory fsync first, then the database commit. Run at the same time, the two fsyncs contend in the
+        # filesystem journal and each takes ~10x longer (measured: 1.7 ms and 2.1 ms in parallel against 0.1 ms
+        # and 0.2 ms alone). Either way the instance is acknowledged only when both are done, and the file is
+        # durable before its row exists.
         try:
             if stored.unsynced_dir is not None:
                 self.store.sync_dir(stored.unsynced_dir)
-            registration.result(self.registration_timeout_s)
+            self.registrar.submit(record).result(self.registration_timeout_s)
         except OSError as exc:
             log_event(log, "scp.instance.write_failed", logging.ERROR, sop_uid=uids["sop_instance"],
                       error=type(exc).__name__, errno=exc.errno)
