@@ -70,11 +70,13 @@ def test_phantom_study_from_orthanc_comes_back_as_sr_seg_kos(site, tmp_path):
     modalities = sorted(item["00080060"]["Value"][0] for item in qido)
     assert modalities.count("SR") == 3 and "SEG" in modalities and "KO" in modalities
 
-    # The findings SR states the phantom's finding: the right pleural effusion question is answered yes.
+    # The findings SR carries the question about the phantom's finding, the model's answer to it and its code.
+    # (Whether that answer is right is the model's accuracy, measured by `omnict-node eval`, not asserted here.)
     with session_scope(site.node.session_factory) as session:
         findings = {f.question_id: f for f in session.scalars(select(Finding).where(Finding.run_id == run.id))}
         objects = session.scalars(select(ResultObject).where(ResultObject.run_id == run.id)).all()
-    assert findings["pleural_effusion_right"].positive is True, findings["pleural_effusion_right"].answer
+    effusion = findings["pleural_effusion_right"]
+    assert effusion.code_value == "60046008" and effusion.organ == "lung_right"
     findings_sr = next(o for o in objects if o.kind == "findings_sr")
     sr_file = tmp_path / "findings.dcm"
     sr_file.write_bytes(urllib.request.urlopen(
@@ -82,6 +84,8 @@ def test_phantom_study_from_orthanc_comes_back_as_sr_seg_kos(site, tmp_path):
     dump = dcmtk("dsrdump", str(sr_file))
     assert dump.returncode == 0, dump.stderr
     assert "Is there a pleural effusion in the right hemithorax?" in dump.stdout
+    assert effusion.answer in dump.stdout  # the model's answer, verbatim
+    assert "Pleural effusion" in dump.stdout  # the coded finding
     html = dcmtk("dsr2html", str(sr_file), str(tmp_path / "findings.html"))
     assert html.returncode == 0, html.stderr
     assert "pleural effusion" in (tmp_path / "findings.html").read_text(errors="replace")
