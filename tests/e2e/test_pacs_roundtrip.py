@@ -149,6 +149,8 @@ def test_pacs_down_during_delivery_results_arrive_when_it_is_back(tmp_path, pg_u
         site.orthanc.stop()  # the PACS goes down before the results are sent
 
         def failed_once() -> bool:
+            runs = site.node.runs(study.uids["study"])
+            assert runs[-1].state != RunState.FAILED, runs[-1].error  # fail fast: no delivery will ever happen
             with session_scope(site.node.session_factory) as session:
                 rows = session.scalars(select(Delivery)).all()
             return bool(rows) and rows[0].attempts >= 1 and rows[0].state == "pending"
