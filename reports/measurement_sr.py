@@ -23,6 +23,7 @@ from highdicom.sr import (
     MeasurementReport,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     ReferencedSegment,
+    SourceSeriesForSegmentation,
     SourceImageForRegion,
     TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
@@ -167,8 +168,8 @@ def organ_measurement_group(
     """One TID 1411 Measurement Group (125007, DCM) for an organ: Tracking Identifier (112039, DCM) = label name and
     Tracking Unique Identifier (112040, DCM) (both always, OHIF needs both; the same UID as the SEG segment's
     Tracking UID), Finding Category/Finding (121071, DCM) = segmented property category/type, Finding Site
-    (363698007, SCT) with laterality, Referenced Segment (121191, DCM) = the SEG segment with its Source Images
-    for Segmentation (the source CT images), Algorithm Identification (TID 4019) and the three measurements."""
+    (363698007, SCT) with laterality, Referenced Segment (121191, DCM) = the SEG segment with its Source Series
+    for Segmentation (121232, DCM), Algorithm Identification (TID 4019) and the three measurements."""
     try:
         segment_number = segmentation.segment_numbers[organ.label_name]
     except KeyError:
@@ -179,7 +180,14 @@ def organ_measurement_group(
             uid=tracking_uid(run, MEASUREMENT_KIND, organ.label_name),
             identifier=organ.label_name,
         ),
-        referenced_segment=ReferencedSegment.from_segmentation(segmentation.dataset, segment_number),
+        # The source SERIES, not every source image: on a 300-slice CT, one IMAGE item per slice per organ made the
+        # SR thousands of items long (seconds to encode and send); the SEG itself references every source image.
+        referenced_segment=ReferencedSegment(
+            sop_class_uid=segmentation.dataset.SOPClassUID,
+            sop_instance_uid=segmentation.dataset.SOPInstanceUID,
+            segment_number=segment_number,
+            source_series=SourceSeriesForSegmentation(segmentation.dataset.ReferencedSeriesSequence[0].SeriesInstanceUID),
+        ),
         finding_category=coded.category,
         finding_type=coded.property_type,
         finding_sites=[FindingSite(anatomic_location=coded.property_type, laterality=coded.laterality)],

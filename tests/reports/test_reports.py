@@ -195,8 +195,10 @@ def test_measurements_round_trip_and_reference_their_segment(built: Built) -> No
         # Tracking UID of the group == Tracking UID of the segment: viewers can join the two objects
         tracking = dicom_tools.children(group, "112040", "DCM")[0].UID
         assert seg.SegmentSequence[segment_number - 1].TrackingUID == tracking
-        images = dicom_tools.children(group, "121233", "DCM")  # Source Image for Segmentation
-        assert images and {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images} <= source_uids
+        # Source Series for Segmentation (121232): the CT series (the SEG lists every source image itself)
+        series = dicom_tools.children(group, "121232", "DCM")
+        assert [item.UID for item in series] == [built.ct.source.series_instance_uid]
+        assert {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} <= source_uids
 
 
 def test_each_organ_has_a_cross_section_group_with_its_outline_and_area(built: Built) -> None:
