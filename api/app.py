@@ -11,9 +11,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import time
+
 import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import dicomweb
@@ -25,6 +29,45 @@ from omnict_node.config import Settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_THREADS = 8
+# A pooled connection idle longer than this is pinged before use (see :func:`api_engine`).
+IDLE_PING_S = 10.0
+
+
+def api_engine(url: str, echo: bool = False) -> Engine:
+    """The API's engine: :func:`db.session.make_engine`, except that a pooled PostgreSQL connection is pinged only
+    when it has been idle for ``IDLE_PING_S``.
+
+    WHY: ``pool_pre_ping`` costs a ``SELECT 1`` round trip on every checkout, i.e. on every request; under load the
+    pool's connections are seconds old at most, so the ping buys nothing there. A connection that sat idle (where a
+    database restart or a firewall may have closed it) is still checked before use, and a failed check makes the
+    pool open a fresh connection (``DisconnectionError``), as ``pool_pre_ping`` would.
+    """
+    from db.session import make_engine
+
+    if url.startswith("sqlite"):
+        return make_engine(url, echo=echo)
+    engine = create_engine(url, echo=echo, pool_size=10, max_overflow=10)
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection, record) -> None:  # noqa: ANN001
+        record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection, record, _proxy) -> None:  # noqa: ANN001
+        last = record.info.get("checked_in_at")
+        if last is None or time.monotonic() - last < IDLE_PING_S:
+            return  # new, or returned to the pool moments ago
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+            dbapi_connection.rollback()  # leave no transaction open behind the ping
+        except Exception as error:  # noqa: BLE001 - any failure means: do not use this connection
+            raise sa_exc.DisconnectionError(f"idle connection failed its ping: {type(error).__name__}") from error
+
+    return engine
 
 
 def create_app(settings: Settings, session_factory: sessionmaker[Session] | None = None,
@@ -41,9 +84,9 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session] | None
     threads = max_threads or getattr(settings.api, "threads", None) or DEFAULT_THREADS
     engine = None
     if session_factory is None:
-        from db.session import make_engine, make_session_factory
+        from db.session import make_session_factory
 
-        engine = make_engine(settings.database.url, echo=settings.database.echo)
+        engine = api_engine(settings.database.url, echo=settings.database.echo)
         session_factory = make_session_factory(engine)
 
     @asynccontextmanager

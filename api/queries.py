@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, exists, func, or_, select
+from sqlalchemy import and_, bindparam, exists, func, or_, select, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from api.settings import WorklistRules
@@ -197,13 +198,128 @@ _RUN_MEASUREMENTS = (select(*OrganMeasurement.__table__.c).where(OrganMeasuremen
 _RUN_RESULTS = select(*ResultObject.__table__.c).where(ResultObject.run_id == bindparam("run_id")).order_by(ResultObject.id)
 
 
-def study_findings(session: Session, study_uid: str, rules: WorklistRules | None = None,
+class _FindingRow(NamedTuple):
+    question_id: str
+    question: str
+    answer: str
+    organ: str | None
+    code_value: str | None
+    code_scheme: str | None
+    code_meaning: str | None
+    positive: bool | None
+    critical: bool
+    urgency_weight: float | None
+    key_slices: list | None
+    key_sop_instance_uids: list | None
+
+
+class _MeasurementRow(NamedTuple):
+    organ: str
+    volume_ml: float | None
+    mean_hu: float | None
+    std_hu: float | None
+
+
+class _ResultRow(NamedTuple):
+    sop_instance_uid: str
+    sop_class_uid: str
+    kind: str
+    series_instance_uid: str
+    run_id: int
+    size_bytes: int
+    created_at: dt.datetime | None
+    study_instance_uid: str
+
+
+def _pg_findings_statement(run_number_given: bool):
+    """PostgreSQL: the whole findings page in ONE statement (one round trip instead of five): the header row of
+    :func:`_findings_head` plus the run's findings, measurements, result objects and the series of the key images,
+    each aggregated server-side into a JSON array of arrays (same ORDER BYs as the portable statements). Bind
+    ``uid`` (and ``run_number``)."""
+    if run_number_given:
+        results_run = ("SELECT rr.id FROM pipeline_runs rr WHERE rr.study_id = s.id "
+                       "AND rr.run_number = :run_number LIMIT 1")
+    else:
+        results_run = ("SELECT rr.id FROM pipeline_runs rr WHERE rr.study_id = s.id AND ("
+                       "EXISTS (SELECT 1 FROM findings x WHERE x.run_id = rr.id) "
+                       "OR EXISTS (SELECT 1 FROM organ_measurements x WHERE x.run_id = rr.id) "
+                       "OR EXISTS (SELECT 1 FROM result_objects x WHERE x.run_id = rr.id)) "
+                       "ORDER BY rr.run_number DESC LIMIT 1")
+    sql = f"""
+SELECT s.id AS study_id, s.requested_priority AS study_priority,
+       r.id AS run_id, r.run_number, r.state, r.finished_at,
+       w.status AS wl_status, w.urgency_score AS wl_urgency, w.stat AS wl_stat,
+       w.requested_priority AS wl_priority, w.ready_at AS wl_ready_at,
+       (SELECT json_agg(json_build_array(f.question_id, f.question, f.answer, f.organ, f.code_value, f.code_scheme,
+                                         f.code_meaning, f.positive, f.critical, f.urgency_weight, f.key_slices,
+                                         f.key_sop_instance_uids) ORDER BY f.id)
+          FROM findings f WHERE f.run_id = r.id) AS findings,
+       (SELECT json_agg(json_build_array(m.organ, m.volume_ml, m.mean_hu, m.std_hu) ORDER BY m.organ)
+          FROM organ_measurements m WHERE m.run_id = r.id) AS measurements,
+       (SELECT json_agg(json_build_array(o.sop_instance_uid, o.sop_class_uid, o.kind, o.series_instance_uid,
+                                         o.run_id, o.size_bytes, o.created_at, o.study_instance_uid) ORDER BY o.id)
+          FROM result_objects o WHERE o.run_id = r.id) AS results,
+       (SELECT json_agg(json_build_array(i.sop_instance_uid, se.series_instance_uid))
+          FROM instances i JOIN series se ON se.id = i.series_id
+         WHERE i.sop_instance_uid IN (
+               SELECT json_array_elements_text(CASE WHEN json_typeof(k.key_sop_instance_uids) = 'array'
+                                                    THEN k.key_sop_instance_uids ELSE '[]'::json END)
+                 FROM findings k WHERE k.run_id = r.id)) AS key_series
+FROM studies s
+LEFT OUTER JOIN pipeline_runs r ON r.id = ({results_run})
+LEFT OUTER JOIN worklist_items w ON w.study_id = s.id
+WHERE s.study_instance_uid = :uid"""
+    # Typed like the ORM columns, so the row reads exactly as the portable statement's (RunState enum, datetimes).
+    # (Keyword form: matched by name, not by position.)
+    return text(sql).columns(state=PipelineRun.__table__.c.state.type,
+                             finished_at=PipelineRun.__table__.c.finished_at.type,
+                             wl_ready_at=WorklistItem.__table__.c.ready_at.type)
+
+
+_PG_FINDINGS = {False: _pg_findings_statement(False), True: _pg_findings_statement(True)}
+
+
+def _float(value: Any) -> float | None:
+    # JSON from PostgreSQL writes a float8 5.0 as 5: give it back as the float the ORM column returns.
+    return None if value is None else float(value)
+
+
+def _pg_findings_rows(conn, study_uid: str, run_number: int | None):
+    head = conn.execute(_PG_FINDINGS[run_number is not None], {"uid": study_uid, "run_number": run_number}).first()
+    if head is None or head.run_id is None:
+        return head, [], [], [], {}
+    findings = [_FindingRow(*f[:9], _float(f[9]), f[10], f[11]) for f in head.findings or ()]
+    measurements = [_MeasurementRow(m[0], _float(m[1]), _float(m[2]), _float(m[3])) for m in head.measurements or ()]
+    # created_at comes as PostgreSQL's ISO text (same instant, same session time zone): parse it back so iso()
+    # writes it exactly as for a datetime read from the column.
+    results = [_ResultRow(*o[:6], dt.datetime.fromisoformat(o[6]) if o[6] is not None else None, o[7])
+               for o in head.results or ()]
+    found = dict(map(tuple, head.key_series or ()))
+    return head, findings, measurements, results, found
+
+
+def _portable_findings_rows(conn: Connection, study_uid: str, run_number: int | None):
+    head = conn.execute(_FINDINGS_HEAD[run_number is not None], {"uid": study_uid, "run_number": run_number}).first()
+    if head is None or head.run_id is None:
+        return head, [], [], [], {}
+    findings = conn.execute(_RUN_FINDINGS, {"run_id": head.run_id}).all()
+    measurements = conn.execute(_RUN_MEASUREMENTS, {"run_id": head.run_id}).all()
+    results = conn.execute(_RUN_RESULTS, {"run_id": head.run_id}).all()
+    key_uids = list(dict.fromkeys(uid for f in findings for uid in (f.key_sop_instance_uids or [])))
+    found = dict(conn.execute(_KEY_SERIES, {"uids": key_uids}).all()) if key_uids else {}
+    return head, findings, measurements, results, found
+
+
+def study_findings(session: Session | Connection, study_uid: str, rules: WorklistRules | None = None,
                    run_number: int | None = None, now: dt.datetime | None = None) -> dict[str, Any]:
     """Every question with its answer and code, the organ measurements, the urgency and the key images of the
-    study's results run (see :func:`results_run`). Four or five SELECTs, Core rows (read-only: no ORM objects)."""
+    study's results run (see :func:`results_run`). PostgreSQL: one SELECT with JSON aggregation; elsewhere four
+    or five SELECTs. Core rows either way (read-only: no ORM objects), so a plain ``Connection`` does as well as
+    a ``Session`` (the API passes a connection: no ORM session to build per request)."""
     rules = rules or WorklistRules()
-    conn = session.connection()
-    head = conn.execute(_FINDINGS_HEAD[run_number is not None], {"uid": study_uid, "run_number": run_number}).first()
+    conn = session if isinstance(session, Connection) else session.connection()
+    rows = _pg_findings_rows if conn.dialect.name == "postgresql" else _portable_findings_rows
+    head, findings, measurements, results, found = rows(conn, study_uid, run_number)
     if head is None:
         raise NotFound(f"study {study_uid} is not known")
     if head.run_id is None:
@@ -211,11 +327,8 @@ def study_findings(session: Session, study_uid: str, rules: WorklistRules | None
             raise NotFound(f"study {study_uid} has no run {run_number}")
         return {"study_instance_uid": study_uid, "run": None, "urgency": None, "findings": [], "measurements": [],
                 "key_images": [], "results": []}
-    findings = conn.execute(_RUN_FINDINGS, {"run_id": head.run_id}).all()
-    measurements = conn.execute(_RUN_MEASUREMENTS, {"run_id": head.run_id}).all()
-    results = conn.execute(_RUN_RESULTS, {"run_id": head.run_id}).all()
     key_uids = list(dict.fromkeys(uid for f in findings for uid in (f.key_sop_instance_uids or [])))
-    key_series = _series_of_instances(session, key_uids)
+    key_series = {uid: found.get(uid) for uid in key_uids}
     urgency_score, stat = urgency_from_findings(findings, rules)
     priority = None
     if head.wl_status is not None:
@@ -245,14 +358,6 @@ def study_findings(session: Session, study_uid: str, rules: WorklistRules | None
 _KEY_SERIES = (select(Instance.sop_instance_uid, Series.series_instance_uid)
                .join(Series, Series.id == Instance.series_id)
                .where(Instance.sop_instance_uid.in_(bindparam("uids", expanding=True))))
-
-
-def _series_of_instances(session: Session, sop_uids: list[str]) -> dict[str, str | None]:
-    if not sop_uids:
-        return {}
-    rows = session.connection().execute(_KEY_SERIES, {"uids": sop_uids}).all()
-    found = dict(rows)
-    return {uid: found.get(uid) for uid in sop_uids}
 
 
 def _key_image(sop_uid: str, study_uid: str, key_series: dict[str, str | None]) -> dict[str, Any]:

@@ -44,9 +44,10 @@ def get_study(study_uid: str, request: Request, _: Principal = Depends(require_r
 def get_findings(study_uid: str, request: Request,
                  run: int | None = Query(None, description="Run number; default: the newest run with results"),
                  _: Principal = Depends(require_read)) -> JSONResponse:
-    with db(request) as session:
+    # Read-only Core queries: a pooled connection is enough (closing it rolls back), no ORM session per request.
+    with request.app.state.session_factory.kw["bind"].connect() as connection:
         try:
-            return JSONResponse(queries.study_findings(session, study_uid, rules(request), run))
+            return JSONResponse(queries.study_findings(connection, study_uid, rules(request), run))
         except queries.NotFound as exc:
             raise not_found(exc) from exc
 
