@@ -19,6 +19,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "scp": "dicom_node.cli:scp",
     "phantom": "omnict_core.phantom.cli:phantom",
     "train": "omnict_core.training.cli:train",
+    "build-data": "omnict_core.data.build:main",
     "eval": "omnict_core.evaluation.cli:eval_command",
     "segment": "omnict_core.segmentation.cli:segment",
     "ask": "omnict_core.inference.cli:ask",

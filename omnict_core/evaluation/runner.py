@@ -1,0 +1,122 @@
+"""Run a trained OmniCT on the held-out phantom benchmark: greedy answers, scores, and the paper's Table 14
+stress test (images swapped between questions / replaced by noise)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omnict_core.data.dataset import PhantomVQADataset, VQACollator
+from omnict_core.evaluation.metrics import CLOSED_TASKS, OpenAnswerScorer, score_predictions, summarize
+
+MAX_NEW_TOKENS = {"judgment": 4, "multiple_choice": 12, "short_answer": 12, "report": 120}
+CONDITIONS = ("normal", "mismatch", "noise")
+
+
+def _batches(indices: Sequence[int], size: int) -> list[list[int]]:
+    return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, dataset: PhantomVQADataset, indices: Sequence[int], batch_size: int = 16,
+                     bf16: bool = True, progress: bool = True) -> dict[int, str]:
+    """Greedy answers for ``dataset[indices]``, batched by task (one max_new_tokens per batch), left padded."""
+    from tqdm import tqdm
+
+    collator = VQACollator(tokenizer, model.config, with_answers=False)
+    by_task: dict[str, list[int]] = {}
+    for i in indices:
+        by_task.setdefault(dataset.samples[i]["task_type"], []).append(i)
+    jobs = [(task, batch) for task, items in by_task.items() for batch in _batches(items, batch_size)]
+    answers: dict[int, str] = {}
+    for task, batch in tqdm(jobs, desc="generate", disable=not progress):
+        inputs = collator([dataset[i] for i in batch])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            new_tokens = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS.get(task, 32))
+        for i, row in zip(batch, new_tokens):
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return answers
+
+
+def derangement(groups: dict[str, list[int]], rng: np.random.Generator, key_of) -> dict[int, int]:
+    """For every index, another index of the same group (dimension) showing a different study."""
+    mapping: dict[int, int] = {}
+    for items in groups.values():
+        if len(items) < 2:
+            continue
+        order = rng.permutation(items)
+        for n, i in enumerate(order):
+            for step in range(1, len(order)):
+                j = int(order[(n + step) % len(order)])
+                if key_of(j) != key_of(int(i)):
+                    mapping[int(i)] = j
+                    break
+    return mapping
+
+
+def apply_condition(dataset: PhantomVQADataset, condition: str, indices: Sequence[int], seed: int = 0) -> None:
+    """Set ``dataset.image_override`` for the stress test.
+
+    mismatch: each question gets the image (and its segmentation) of a question about another study, same 2D/3D kind.
+    noise: the image is uniform noise over the HU window and the segmentation is empty (nothing to segment).
+    """
+    dataset.image_override = {}
+    if condition == "normal":
+        return
+    rng = np.random.default_rng(seed)
+    if condition == "mismatch":
+        groups: dict[str, list[int]] = {}
+        for i in indices:
+            groups.setdefault(dataset.samples[i]["dim"], []).append(i)
+        mapping = derangement(groups, rng, lambda j: dataset.samples[j]["study_seed"])
+        for i, j in mapping.items():
+            dataset.image_override[i] = dataset.load_image(dataset.samples[j])
+        return
+    if condition == "noise":
+        for i in indices:
+            image, labels = dataset.load_image(dataset.samples[i])
+            dataset.image_override[i] = (rng.random(image.shape, dtype=np.float32), np.zeros_like(labels))
+        return
+    raise ValueError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
+
+
+def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "bench", conditions: Sequence[str] = CONDITIONS,
+             batch_size: int = 16, limit: int | None = None, bf16: bool = True, seed: int = 0,
+             progress: bool = True, tasks: Sequence[str] | None = None) -> dict:
+    """Scores of ``model_dir`` on ``data_dir``/``split`` under each condition (robustness on closed questions).
+    ``tasks`` keeps only those task types; ``limit`` then keeps the first N samples."""
+    from omnict_core.data.dataset import read_jsonl
+    from omnict_core.modeling_omnict import load_omnict
+
+    model, tokenizer = load_omnict(model_dir)
+    model.eval()
+    samples = read_jsonl(Path(data_dir) / f"{split}.jsonl")
+    if tasks:
+        samples = [s for s in samples if s["task_type"] in set(tasks)]
+    dataset = PhantomVQADataset(data_dir, split=split, max_samples=limit, samples=samples)
+    all_indices = list(range(len(dataset)))
+    closed = [i for i in all_indices if dataset.samples[i]["task_type"] in CLOSED_TASKS]
+    scorer = OpenAnswerScorer()
+    results: dict = {"model": str(model_dir), "data": str(data_dir), "split": split, "samples": len(dataset),
+                     "use_ose": bool(model.config.use_ose), "conditions": {}}
+    predictions_out: list[dict] = []
+    for condition in conditions:
+        indices = all_indices if condition == "normal" else closed
+        apply_condition(dataset, condition, indices, seed)
+        started = time.perf_counter()
+        answers = generate_answers(model, tokenizer, dataset, indices, batch_size, bf16, progress)
+        elapsed = time.perf_counter() - started
+        samples = [dataset.samples[i] for i in indices]
+        preds = [answers[i] for i in indices]
+        summary = summarize(score_predictions(samples, preds, scorer))
+        summary["seconds"] = round(elapsed, 1)
+        results["conditions"][condition] = summary
+        if condition == "normal":
+            predictions_out = [{"id": s["id"], "prediction": p, "answer": s["answer"]} for s, p in zip(samples, preds)]
+    dataset.image_override = {}
+    results["predictions"] = predictions_out
+    return results
