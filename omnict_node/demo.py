@@ -112,12 +112,17 @@ def _wait_for_results(running, study_uid: str, timeout_s: float):
 def _print_results(settings, run) -> None:
     from sqlalchemy import select
 
-    from db.models import ResultObject
+    from db.models import Finding, ResultObject
     from db.session import make_engine, make_session_factory
 
     factory = make_session_factory(make_engine(settings.database.url))
     with factory() as session:
         objects = session.scalars(select(ResultObject).where(ResultObject.run_id == run.id)).all()
+        findings = session.scalars(select(Finding).where(Finding.run_id == run.id).order_by(Finding.id)).all()
+    if findings:
+        click.echo("model answers (demo model trained on synthetic phantoms; not for clinical use):")
+        for finding in findings:
+            click.echo(f"  {finding.question}  ->  {finding.answer[:120]}")
     if not objects:
         click.echo("no result objects for this run")
         return
