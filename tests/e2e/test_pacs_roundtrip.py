@@ -81,7 +81,7 @@ def test_phantom_study_from_orthanc_comes_back_as_sr_seg_kos(site, tmp_path):
     sr_file = tmp_path / "findings.dcm"
     sr_file.write_bytes(urllib.request.urlopen(
         f"{site.orthanc.url}/instances/{_orthanc_instance(site.orthanc, findings_sr.sop_instance_uid)}/file").read())
-    dump = dcmtk("dsrdump", str(sr_file))
+    dump = dcmtk("dsrdump", "+Pl", str(sr_file))  # +Pl: long text values in full
     assert dump.returncode == 0, dump.stderr
     assert "Is there a pleural effusion in the right hemithorax?" in dump.stdout
     assert effusion.answer in dump.stdout  # the model's answer, verbatim
@@ -89,6 +89,24 @@ def test_phantom_study_from_orthanc_comes_back_as_sr_seg_kos(site, tmp_path):
     html = dcmtk("dsr2html", str(sr_file), str(tmp_path / "findings.html"))
     assert html.returncode == 0, html.stderr
     assert "pleural effusion" in (tmp_path / "findings.html").read_text(errors="replace")
+
+    # The query API answers for the processed study with the same findings, measurements and worklist urgency.
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import ApiAuthSettings
+
+    auth = ApiAuthSettings(tokens=[{"name": "reader", "role": "read", "token": "e2e-read-token"}])
+    with TestClient(create_app(site.settings, auth=auth)) as client:
+        assert client.get(f"/studies/{study_uid}/findings").status_code == 401
+        response = client.get(f"/studies/{study_uid}/findings", headers={"Authorization": "Bearer e2e-read-token"})
+        worklist = client.get("/worklist", headers={"Authorization": "Bearer e2e-read-token"}).json()
+    assert response.status_code == 200
+    body = response.json()
+    by_id = {f["question_id"]: f for f in body["findings"]}
+    assert by_id["pleural_effusion_right"]["answer"] == effusion.answer
+    assert {m["organ"] for m in body["measurements"]} >= {"liver", "lung_left", "lung_right"}
+    assert study_uid in json.dumps(worklist)
 
     # A viewer can also fetch the generated objects from the node itself.
     port = str(site.settings.dicom.port)
