@@ -537,23 +537,27 @@ def _liver(work: np.ndarray, body: np.ndarray, organs: dict[str, np.ndarray], sp
     body_x = np.nonzero(body.any(axis=(0, 1)))[0]
     mid = 0.5 * (body_x.min() + body_x.max())
     core[:, :, int(mid):] = False  # the liver's bulk is on the patient's right (low x)
+    return _grow_from_largest_core(core, soft, work, erosion + 3, voxel_ml, params.liver_min_ml,
+                                   params.liver_max_ml, empty)
+
+
+def _grow_from_largest_core(core: np.ndarray, soft: np.ndarray, work: np.ndarray, grow_iterations: int,
+                            voxel_ml: float, min_ml: float, max_ml: float, empty: np.ndarray) -> np.ndarray:
+    """The organ grown back from the largest eroded core component through voxels of the core's own density range
+    (organ HU depends on the contrast phase), only a few voxels beyond the erosion depth: unlimited region growing
+    leaked into kidney, crus and stomach on real non-contrast CT, so organs stay slightly under-segmented rather
+    than wrong. ``empty`` when there is no core or the volume is outside [min_ml, max_ml]."""
     labels, count = ndi.label(core)
     if count == 0:
         return empty
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     seed = labels == sizes.argmax()
-    # Grow back from the core through voxels of the core's own density range (liver HU depends on the contrast
-    # phase), only a few voxels beyond the erosion depth: unlimited region growing leaked into kidney, crus and
-    # stomach on real non-contrast CT, so the liver stays slightly under-segmented rather than wrong.
     low, high = np.percentile(work[seed], [2, 98])
     similar = soft & (work >= low - 10.0) & (work <= high + 10.0)
-    liver = ndi.binary_dilation(seed, _BALL, iterations=erosion + 3, mask=similar)
-    liver = ndi.binary_fill_holes(ndi.binary_closing(liver, _IN_PLANE), _IN_PLANE)
-    volume = liver.sum() * voxel_ml
-    if not params.liver_min_ml <= volume <= params.liver_max_ml:
-        return empty
-    return liver
+    organ = ndi.binary_dilation(seed, _BALL, iterations=grow_iterations, mask=similar)
+    organ = ndi.binary_fill_holes(ndi.binary_closing(organ, _IN_PLANE), _IN_PLANE)
+    return organ if min_ml <= organ.sum() * voxel_ml <= max_ml else empty
 
 
 
@@ -657,20 +661,8 @@ def _spleen(work: np.ndarray, body: np.ndarray, organs: dict[str, np.ndarray], s
     lateral = (np.arange(nx) > mid_x + 40.0 / spacing[2])[None, None, :]
     posterior = (np.arange(ny) > mid_y - 10.0 / spacing[1])[None, :, None]
     core &= lateral & posterior
-    labels, count = ndi.label(core)
-    if count == 0:
-        return empty
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    seed = labels == sizes.argmax()
-    low, high = np.percentile(work[seed], [2, 98])
-    similar = soft & (work >= low - 10.0) & (work <= high + 10.0)
-    spleen = ndi.binary_dilation(seed, _BALL, iterations=erosion + 2, mask=similar)
-    spleen = ndi.binary_fill_holes(ndi.binary_closing(spleen, _IN_PLANE), _IN_PLANE)
-    volume = spleen.sum() * voxel_ml
-    if not params.spleen_min_ml <= volume <= params.spleen_max_ml:
-        return empty
-    return spleen
+    return _grow_from_largest_core(core, soft, work, erosion + 2, voxel_ml, params.spleen_min_ml,
+                                   params.spleen_max_ml, empty)
 
 
 # ----------------------------------------------------------------------------------------------------------------
