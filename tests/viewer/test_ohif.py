@@ -207,9 +207,18 @@ def test_ohif_shows_the_study_ct_measurements_narrative_and_seg(page, ohif, cont
 
     # 3. The measurement SR opens in OHIF's SR viewport: each organ's outline is drawn, labelled with its finding
     # site and values; the viewport's arrows step through the organs (each on its own largest slice).
-    series_entry(page, content.series_descriptions["measurement_sr"]).dblclick()
-    page.wait_for_function(
-        "Array.from(document.querySelectorAll('svg text')).some(t => t.textContent.includes('Volume'))")
+    # A double-click that lands while OHIF is still busy with the CT is dropped now and then (seen once in CI):
+    # open the series again, a bounded number of times, before calling it a failure.
+    for attempt in range(3):
+        series_entry(page, content.series_descriptions["measurement_sr"]).dblclick()
+        try:
+            page.wait_for_function(
+                "Array.from(document.querySelectorAll('svg text')).some(t => t.textContent.includes('Volume'))",
+                timeout=STEP_MS if attempt == 2 else 20_000)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
     page.screenshot(path=str(ARTIFACTS / "03_measurement_sr.png"))
     shown: dict[str, str] = {}
     for step in range(2 * len(content.organs)):
