@@ -14,9 +14,9 @@ from omnict_node.cli import pass_node
 
 
 def _session_factory(settings):
-    from db.session import make_engine, make_session_factory
+    from db.session import session_factory_for
 
-    return make_session_factory(make_engine(settings.database.url))
+    return session_factory_for(settings.database.url)
 
 
 @click.command("api")

@@ -36,6 +36,11 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def session_factory_for(url: str) -> sessionmaker[Session]:
+    """Sessions on a new engine for ``url`` (CLI commands and worker processes: one per process)."""
+    return make_session_factory(make_engine(url))
+
+
 @contextmanager
 def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A transaction: commit on success, roll back on error."""

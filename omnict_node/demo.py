@@ -86,7 +86,7 @@ def demo(node: NodeContext, slices: int, size: int, findings: tuple[str, ...], s
         run = _wait_for_results(running, study_uid, timeout_s)
         with running.session_factory() as session:
             _print_detail(study_detail(session, study_uid))
-        _print_results(settings, run)
+        _print_results(settings, running.session_factory, run)
         if run.error:
             raise click.ClickException(f"the run failed: {run.error}")
     finally:
@@ -109,14 +109,12 @@ def _wait_for_results(running, study_uid: str, timeout_s: float):
     raise click.ClickException(f"no result within {timeout_s:.0f} s; see `omnict-node status {study_uid}`")
 
 
-def _print_results(settings, run) -> None:
+def _print_results(settings, session_factory, run) -> None:
     from sqlalchemy import select
 
     from db.models import Finding, ResultObject
-    from db.session import make_engine, make_session_factory
 
-    factory = make_session_factory(make_engine(settings.database.url))
-    with factory() as session:
+    with session_factory() as session:
         objects = session.scalars(select(ResultObject).where(ResultObject.run_id == run.id)).all()
         findings = session.scalars(select(Finding).where(Finding.run_id == run.id).order_by(Finding.id)).all()
     if findings:

@@ -70,9 +70,9 @@ def study_detail(session: Session, study_instance_uid: str) -> dict | None:
 @pass_node
 def status(node: NodeContext, study_instance_uid: str | None, as_json: bool) -> None:
     """Show studies and their state, or one study's runs and stage timings."""
-    from db.session import make_engine, make_session_factory, session_scope
+    from db.session import session_factory_for, session_scope
 
-    factory = make_session_factory(make_engine(node.settings.database.url))
+    factory = session_factory_for(node.settings.database.url)
     with session_scope(factory) as session:
         data = study_detail(session, study_instance_uid) if study_instance_uid else study_overview(session)
     if data is None:

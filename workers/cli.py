@@ -37,10 +37,10 @@ def study() -> None:
 @pass_node
 def complete(node: NodeContext, study_instance_uid: str) -> None:
     """Declare a study complete now (its timers are skipped). The running node dispatches it within a second."""
-    from db.session import make_engine, make_session_factory, session_scope
+    from db.session import session_factory_for, session_scope
     from dicom_node.completeness import force_complete
 
-    factory = make_session_factory(make_engine(node.settings.database.url))
+    factory = session_factory_for(node.settings.database.url)
     with session_scope(factory) as session:
         run_id = force_complete(session, study_instance_uid)
     if run_id is None:
@@ -53,10 +53,10 @@ def complete(node: NodeContext, study_instance_uid: str) -> None:
 @pass_node
 def rerun(node: NodeContext, study_instance_uid: str) -> None:
     """Run the whole pipeline again on the stored study (a new run; the running node dispatches it)."""
-    from db.session import make_engine, make_session_factory, session_scope
+    from db.session import session_factory_for, session_scope
     from workers.operations import OperationError, open_rerun
 
-    factory = make_session_factory(make_engine(node.settings.database.url))
+    factory = session_factory_for(node.settings.database.url)
     try:
         with session_scope(factory) as session:
             number = open_rerun(session, study_instance_uid)
@@ -70,12 +70,12 @@ def rerun(node: NodeContext, study_instance_uid: str) -> None:
 @pass_node
 def redeliver(node: NodeContext, study_instance_uid: str) -> None:
     """Send the latest run's results again (after delivery_failed, or to resend)."""
-    from db.session import make_engine, make_session_factory, session_scope
+    from db.session import session_factory_for, session_scope
     from workers.celery_app import make_celery
     from workers.operations import OperationError, prepare_redelivery
     from workers.tasks import dispatch_stage
 
-    factory = make_session_factory(make_engine(node.settings.database.url))
+    factory = session_factory_for(node.settings.database.url)
     try:
         with session_scope(factory) as session:
             run_id = prepare_redelivery(session, study_instance_uid)

@@ -29,7 +29,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import PipelineRun, RunState, StageRecord, Study, utcnow
-from db.session import make_engine, make_session_factory, session_scope
+from db.session import session_factory_for, session_scope
 from db.states import check_transition
 from omnict_node.config import Settings
 from omnict_node.logs import log_event
@@ -85,7 +85,7 @@ class WorkerResources:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "WorkerResources":
-        return cls(settings, make_session_factory(make_engine(settings.database.url)))
+        return cls(settings, session_factory_for(settings.database.url))
 
     def get_or_create(self, key: str, factory: Callable[[], Any]) -> Any:
         """One instance per process (a model is loaded once and kept warm)."""
@@ -255,10 +255,3 @@ def stalled_runs(session: Session, stall_after_s: float) -> list[tuple[int, Stag
         .where(PipelineRun.state.in_(list(by_state)), PipelineRun.updated_at < cutoff)
     ).all()
     return [(run_id, by_state[state]) for run_id, state in rows]
-
-
-def seconds_since(moment: dt.datetime | None) -> float | None:
-    if moment is None:
-        return None
-    moment = moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
-    return (utcnow() - moment).total_seconds()
