@@ -1,6 +1,6 @@
 """Ingest benchmark: our storage SCP against dcmtk's storescp, same sender, same series, same run.
 
-    /tmp/venv0/bin/python bench/ingest.py [--rounds 7] [--slices 300] [--no-fast-path]
+    .venv/bin/python bench/ingest.py [--rounds 7] [--slices 300] [--no-fast-path]
 
 * The series (300 CT slices 512x512, int16, explicit VR little endian, realistic CT headers) is generated once
   with pydicom and cached under ``.cache/bench/ct<slices>/``.

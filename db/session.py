@@ -10,23 +10,32 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str, echo: bool = False) -> Engine:
-    """Create an engine; SQLite gets WAL, full sync and a busy timeout so several processes can share the file."""
+def make_engine(url: str, echo: bool = False, *, durable_commits: bool = True) -> Engine:
+    """Create an engine; SQLite gets WAL, a busy timeout (several processes share the file) and full sync.
+
+    ``durable_commits=False`` is for writers whose every committed row can be rebuilt from durable files (the
+    SCP's instance registrations, see :mod:`dicom_node.reconcile`): a commit is then still atomic, visible to
+    every reader and safe against a crash of the process, but it is not flushed to disk on its own (SQLite
+    ``synchronous=NORMAL`` in WAL mode; PostgreSQL ``synchronous_commit=off``), which saves one fsync per commit.
+    A power cut can roll back the last commits; the rebuild at the next start restores them."""
     if url.startswith("sqlite"):
         db_path = url.split("///", 1)[-1]
         if db_path and db_path != ":memory:":
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        synchronous = "FULL" if durable_commits else "NORMAL"
+        event.listen(engine, "connect", lambda connection, _record: _sqlite_pragmas(connection, synchronous))
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    connect_args = {} if durable_commits else {"options": "-c synchronous_commit=off"}
+    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=10,
+                         connect_args=connect_args)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection, synchronous: str) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    # FULL: a committed registration survives power loss, not only a crash of the node.
-    cursor.execute("PRAGMA synchronous=FULL")
+    # FULL: a committed row survives power loss, not only a crash of the node (see make_engine for NORMAL).
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()

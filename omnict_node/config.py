@@ -92,6 +92,10 @@ class DatabaseSettings(Section):
     url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/omnict.db.")
     echo: bool = False
     registration_batch_max: int = Field(256, description="Most instance registrations committed in one transaction.")
+    fsync_registrations: bool = Field(
+        False, description="Flush every instance-registration commit to disk on its own. Off by default: the "
+                           "instance files are always fsynced before success is answered, and at start the SCP "
+                           "registers any stored file whose row a power cut rolled back (dicom_node.reconcile).")
 
 
 class CompletenessSettings(Section):
