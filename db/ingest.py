@@ -60,13 +60,21 @@ class RegistrationOutcome:
     opened_run_number: int | None  # a new run was opened by this instance
 
 
-def register_instances(session: Session, records: Sequence[InstanceRecord]) -> list[RegistrationOutcome]:
-    """Upsert ``records`` in the current transaction (the caller commits). Returns one outcome per record."""
+# (study UID, series UID) -> (study row id, series row id), kept by a long-lived caller (the SCP's registrar) to
+# skip two lookups per instance. Rows are never deleted while the node runs; a caller whose transaction fails
+# must clear it anyway (it cannot tell which cached row was involved).
+KnownSeries = dict[tuple[str, str], tuple[int, int]]
+
+
+def register_instances(target: Session | Connection, records: Sequence[InstanceRecord],
+                       known_series: KnownSeries | None = None) -> list[RegistrationOutcome]:
+    """Upsert ``records`` in the current transaction of ``target`` (the caller commits). Returns one outcome
+    per record. ``known_series``: see :data:`KnownSeries` (read and filled here)."""
     if not records:
         return []
-    # Core statements on the session's connection, not ORM ones: on this hot path the ORM's per-statement
-    # compile state cost more CPU than the SQL itself (profiled under the ingest bench).
-    conn = session.connection()
+    # Core statements on a connection, not ORM ones: on this hot path the ORM's per-statement compile state
+    # cost more CPU than the SQL itself (profiled under the ingest bench).
+    conn = target.connection() if isinstance(target, Session) else target
     existing = set(conn.scalars(select(_INSTANCES.c.sop_instance_uid).where(
         _matches(_INSTANCES.c.sop_instance_uid, {r.sop_instance_uid for r in records}))))
     new: dict[str, InstanceRecord] = {}
@@ -76,8 +84,7 @@ def register_instances(session: Session, records: Sequence[InstanceRecord]) -> l
     replaced = [r for r in records if r.sop_instance_uid in existing and r.replaces_existing]
     changed = list(new.values()) + replaced
 
-    study_ids = _ensure_studies(conn, records)
-    series_ids = _ensure_series(conn, records, study_ids)
+    study_ids, series_ids = _row_ids(conn, records, known_series)
     _move_timers(conn, changed, study_ids, series_ids, new)
     if new:
         conn.execute(insert(_INSTANCES), [_instance_row(r, series_ids) for r in new.values()])
@@ -96,6 +103,20 @@ def register_instances(session: Session, records: Sequence[InstanceRecord]) -> l
         run_number = opened.pop(study_ids[record.study_instance_uid], None) if is_change else None
         outcomes.append(RegistrationOutcome(record.sop_instance_uid, created, run_number))
     return outcomes
+
+
+def _row_ids(conn: Connection, records: Sequence[InstanceRecord],
+             known_series: KnownSeries | None) -> tuple[dict[str, int], dict[str, int]]:
+    """Study and series row ids of ``records`` (created when missing), from ``known_series`` when it has them all."""
+    keys = {(r.study_instance_uid, r.series_instance_uid) for r in records}
+    if known_series is not None and keys <= known_series.keys():
+        return ({study: known_series[(study, series)][0] for study, series in keys},
+                {series: known_series[(study, series)][1] for study, series in keys})
+    study_ids = _ensure_studies(conn, records)
+    series_ids = _ensure_series(conn, records, study_ids)
+    if known_series is not None:
+        known_series.update({(study, series): (study_ids[study], series_ids[series]) for study, series in keys})
+    return study_ids, series_ids
 
 
 def _instance_row(record: InstanceRecord, series_ids: dict[str, int]) -> dict:

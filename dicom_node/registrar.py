@@ -19,15 +19,16 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.ingest import InstanceRecord, RegistrationOutcome, register_instances
+from db.ingest import InstanceRecord, KnownSeries, RegistrationOutcome, register_instances
 from db.models import Association, QuarantinedInstance, utcnow
-from db.session import make_engine, make_session_factory, session_scope
+from db.session import make_engine, session_scope
 from omnict_node.logs import log_event
 
 log = logging.getLogger("omnict.scp.registrar")
@@ -64,11 +65,12 @@ class Registrar:
         (see :func:`db.session.make_engine`); every file is fsynced before its registration, and
         :mod:`dicom_node.reconcile` re-registers at start what a power cut rolled back."""
         self._own_engine: Engine | None = None
-        if not durable_commits and session_factory.kw.get("bind") is not None:
-            url = session_factory.kw["bind"].url.render_as_string(hide_password=False)
-            self._own_engine = make_engine(url, durable_commits=False)
-            session_factory = make_session_factory(self._own_engine)
+        self._engine: Engine | None = session_factory.kw.get("bind")
+        if not durable_commits and self._engine is not None:
+            url = self._engine.url.render_as_string(hide_password=False)
+            self._own_engine = self._engine = make_engine(url, durable_commits=False)
         self._factory = session_factory
+        self._known_series: KnownSeries = {}
         self._batch_max = max(1, batch_max)
         self._queue: list[_Pending] = []
         self._queue_lock = threading.Lock()
@@ -121,6 +123,7 @@ class Registrar:
         try:
             outcomes = self._commit_records(records)
         except Exception as exc:  # noqa: BLE001 - any DB failure: isolate the bad record(s)
+            self._known_series.clear()  # the failed transaction may have created (now rolled back) rows
             if len(batch) == 1:
                 log_event(log, "scp.registration.failed", logging.ERROR, sop_uid=records[0].sop_instance_uid,
                           error=type(exc).__name__)
@@ -132,9 +135,20 @@ class Registrar:
         for item, outcome in zip(batch, outcomes):
             item.outcome = outcome
 
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection | Session]:
+        """A Core connection in a transaction (cheaper than an ORM session here), or a session when the factory
+        has no engine bound."""
+        if self._engine is None:
+            with session_scope(self._factory) as session:
+                yield session
+        else:
+            with self._engine.begin() as connection:
+                yield connection
+
     def _commit_records(self, records: Sequence[InstanceRecord]) -> list[RegistrationOutcome]:
-        with session_scope(self._factory) as session:
-            outcomes = register_instances(session, records)
+        with self._transaction() as target:
+            outcomes = register_instances(target, records, self._known_series)
         self.batches_committed += 1
         self.records_committed += len(records)
         return outcomes

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from db.ingest import InstanceRecord
 from db.models import Instance
 from db.session import make_engine, make_session_factory
-from dicom_node.fastpath import UndecodableDataset, part10_header, scan_dataset
+from dicom_node.fastpath import UndecodableDataset, c_store_rsp_pdu, part10_header, scan_dataset
 from dicom_node.registrar import RegistrationError, Registrar
 from dicom_node.storage import DiskWatermark, InstanceStore, StoreOutcome, dataset_offset, uid_problem
 from tests.dicom_node.scp_helpers import ct_slice
@@ -200,3 +200,23 @@ def test_registrar_reports_database_errors(tmp_path):
         engine.dispose()
     with pytest.raises(RegistrationError):
         registrar.register(_record("1.7", "1.7.1", 9))  # stopped: a clear error, not a hang
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xA700])
+def test_hand_encoded_c_store_rsp_is_byte_identical_to_pynetdicoms(status):
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 7
+    primitive.AffectedSOPClassUID = CTImageStorage
+    primitive.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.123"  # odd length: padded with NUL
+    primitive.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    [p_data] = list(message.encode_msg(3, 16384))
+    pdu = P_DATA_TF()
+    pdu.from_primitive(p_data)
+
+    assert c_store_rsp_pdu(3, 7, CTImageStorage, "1.2.826.0.1.3680043.8.498.123", status) == pdu.encode()
