@@ -75,8 +75,7 @@ def register_instances(target: Session | Connection, records: Sequence[InstanceR
     # Core statements on a connection, not ORM ones: on this hot path the ORM's per-statement compile state
     # cost more CPU than the SQL itself (profiled under the ingest bench).
     conn = target.connection() if isinstance(target, Session) else target
-    existing = set(conn.scalars(select(_INSTANCES.c.sop_instance_uid).where(
-        _matches(_INSTANCES.c.sop_instance_uid, {r.sop_instance_uid for r in records}))))
+    existing = _existing(conn, records)
     new: dict[str, InstanceRecord] = {}
     for record in records:  # the first of several records with one SOP Instance UID in a batch wins
         if record.sop_instance_uid not in existing and record.sop_instance_uid not in new:
@@ -135,11 +134,23 @@ def _instance_row(record: InstanceRecord, series_ids: dict[str, int]) -> dict:
 
 
 def _matches(column, values: set[str] | dict[str, object]):
-    """``column = :v`` for one value (a plain cached statement), ``column IN (...)`` for several (the expanding
-    IN is re-rendered at every execution: measurable at one instance per transaction)."""
+    """``column IN (...)``, or ``column = :v`` for one value (the expanding IN is re-rendered at every execution:
+    measurable at one instance per transaction)."""
     if len(values) == 1:
         return column == next(iter(values))
     return column.in_(list(values))
+
+
+# The statement of every single-instance registration, built once (building it costs more than running it).
+_ONE_EXISTING = select(_INSTANCES.c.sop_instance_uid).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+
+
+def _existing(conn: Connection, records: Sequence[InstanceRecord]) -> set[str]:
+    """The SOP Instance UIDs among ``records`` that are already registered."""
+    uids = {r.sop_instance_uid for r in records}
+    if len(uids) == 1:
+        return set(conn.scalars(_ONE_EXISTING, {"uid": next(iter(uids))}))
+    return set(conn.scalars(select(_INSTANCES.c.sop_instance_uid).where(_INSTANCES.c.sop_instance_uid.in_(uids))))
 
 
 def _ensure_studies(conn: Connection, records: Sequence[InstanceRecord]) -> dict[str, int]:

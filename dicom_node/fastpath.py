@@ -35,9 +35,12 @@ import struct
 import threading
 import time
 import zlib
+from dataclasses import dataclass
+from io import BytesIO
 from typing import Any
 
 import pynetdicom
+from pydicom.uid import UID
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -133,6 +136,62 @@ def _plain_store_response(primitive: Any) -> bool:
             and isinstance(primitive.Status, int) and primitive.ErrorComment is None
             and primitive.OffendingElement is None and primitive.AffectedSOPClassUID is not None
             and primitive.AffectedSOPInstanceUID is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# C-STORE-RQ command set, hand-decoded
+# ---------------------------------------------------------------------------------------------------------------
+
+_C_STORE_RQ_ELEMENTS = frozenset({0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031})
+
+
+@dataclass(frozen=True)
+class StoreCommand:
+    """The fields of a C-STORE-RQ command set (PS3.7 9.3.1.1, Table 9.3-1)."""
+
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    priority: int
+    move_originator_ae: str | None
+    move_originator_message_id: int | None
+
+
+def parse_c_store_rq(command: bytes | memoryview) -> StoreCommand | None:
+    """Decode an implicit VR little endian command set if it is a plain C-STORE-RQ with a data set; ``None`` for
+    anything else (another command, an unexpected element, a malformed encoding): the caller then hands the
+    message to pynetdicom, which decodes everything."""
+    values: dict[int, bytes] = {}
+    pos, end = 0, len(command)
+    while pos < end:
+        if pos + 8 > end:
+            return None
+        group, elem, length = _TAG_LEN.unpack_from(command, pos)
+        if group != 0x0000 or elem not in _C_STORE_RQ_ELEMENTS or pos + 8 + length > end:
+            return None
+        values[elem] = bytes(command[pos + 8:pos + 8 + length])
+        pos += 8 + length
+    try:
+        if _us(values[0x0100]) != 0x0001 or _us(values[0x0800]) == 0x0101:
+            return None  # not a C-STORE-RQ, or one without a data set
+        priority = _us(values.get(0x0700, b"\x02\x00"))
+        move_id = values.get(0x1031)
+        move_ae = values.get(0x1030)
+        return StoreCommand(
+            message_id=_us(values[0x0110]), sop_class_uid=_ui_text(values[0x0002]),
+            sop_instance_uid=_ui_text(values[0x1000]), priority=priority,
+            move_originator_ae=move_ae.decode("ascii", "replace").strip() if move_ae else None,
+            move_originator_message_id=_us(move_id) if move_id else None)
+    except (KeyError, struct.error):
+        return None
+
+
+def _us(raw: bytes) -> int:
+    return struct.unpack("<H", raw)[0]
+
+
+def _ui_text(raw: bytes) -> str:
+    return raw.rstrip(b"\x00 ").decode("ascii", "replace")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,6 +445,7 @@ def _make_fast(assoc: Association) -> None:
         except OSError:
             pass
     _fast_store_responses(assoc)
+    assoc.dimse.receive_primitive = _FastStoreReceiver(assoc)  # type: ignore[method-assign]
 
 
 def _fast_store_responses(assoc: Association) -> None:
@@ -413,6 +473,81 @@ def _fast_store_responses(assoc: Association) -> None:
         assoc.dul._idle_timer.restart()
 
     dimse.send_msg = send_msg  # type: ignore[method-assign]
+
+
+class _FastStoreReceiver:
+    """Stands in for ``DIMSEServiceProvider.receive_primitive``: C-STORE-RQ messages are assembled here (command
+    set hand-decoded, data set fragments joined once) and queued for the association thread as pynetdicom's own
+    ``C_STORE`` primitive. Any other message, or one whose command set is not a plain C-STORE-RQ complete in its
+    first fragment, is handed to pynetdicom's method from its first fragment on, until pynetdicom has queued it.
+
+    pynetdicom decodes every command set with pydicom and converts it element by element, with UID validation on
+    each attribute set (~0.2 ms per instance here). Runs on the DUL thread, like the method it replaces."""
+
+    def __init__(self, assoc: Association) -> None:
+        self.assoc = assoc
+        self.dimse = assoc.dimse
+        self.original = assoc.dimse.receive_primitive
+        self.passthrough = False  # the current message belongs to pynetdicom
+        self.command: StoreCommand | None = None
+        self.context_id = 0
+        self.fragments: list[memoryview] = []
+
+    def __call__(self, primitive: P_DATA) -> None:
+        if self.passthrough or self.assoc.get_handlers(evt.EVT_DIMSE_RECV):
+            self._hand_over(primitive)
+            return
+        items = primitive.presentation_data_value_list
+        for index, (context_id, data) in enumerate(items):
+            header = data[0]
+            if self.command is None:
+                command = parse_c_store_rq(data[1:]) if header & 0x03 == 0x03 else None
+                if command is None:  # not ours: pynetdicom takes this message from its first fragment
+                    rest = P_DATA()
+                    rest._presentation_data_value_list = items[index:]  # type: ignore[assignment]
+                    self._hand_over(rest)
+                    return
+                self.command, self.context_id = command, context_id
+            elif header & 0x01:  # a command fragment inside a data set: not a valid DIMSE message
+                LOGGER.error("Received an invalid DIMSE message")
+                self._reset()
+                self.dimse.dul.event_queue.put("Evt19")
+                return
+            else:
+                self.fragments.append(data[1:])
+                if header & 0x02:
+                    self._deliver()
+
+    def _hand_over(self, primitive: P_DATA) -> None:
+        self.passthrough = True
+        self.original(primitive)
+        if self.dimse.message is None:  # pynetdicom queued the message (or is waiting for no more fragments)
+            self.passthrough = False
+
+    def _deliver(self) -> None:
+        command = self.command
+        assert command is not None
+        request = C_STORE()
+        request.MessageID = command.message_id
+        # The UIDs go in unvalidated (pynetdicom's setters validate each one with a regex): the SCP validates
+        # the data set's own UIDs before storing and answers the command's Affected SOP Instance UID mismatch.
+        request._affected_sop_class_uid = UID(command.sop_class_uid)
+        request._affected_sop_instance_uid = UID(command.sop_instance_uid)
+        request.Priority = command.priority
+        if command.move_originator_ae:
+            request.MoveOriginatorApplicationEntityTitle = command.move_originator_ae
+        if command.move_originator_message_id is not None:
+            request.MoveOriginatorMessageID = command.move_originator_message_id
+        request.DataSet = BytesIO(b"".join(self.fragments))
+        request._context_id = self.context_id
+        request._dataset_path = None
+        request._dataset_file = None
+        context_id = self.context_id
+        self._reset()
+        self.dimse.msg_queue.put((context_id, request))
+
+    def _reset(self) -> None:
+        self.command, self.fragments = None, []
 
 
 def _has_sent_handlers(assoc: Association) -> bool:

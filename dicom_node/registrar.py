@@ -71,6 +71,7 @@ class Registrar:
             self._own_engine = self._engine = make_engine(url, durable_commits=False)
         self._factory = session_factory
         self._known_series: KnownSeries = {}
+        self._connection: Connection | None = None  # used by the committer only (under _commit_lock)
         self._batch_max = max(1, batch_max)
         self._queue: list[_Pending] = []
         self._queue_lock = threading.Lock()
@@ -85,6 +86,10 @@ class Registrar:
     def stop(self) -> None:
         """Refuse new registrations (those already taking place finish) and close our own engine, if any."""
         self._running = False
+        with self._commit_lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
         if self._own_engine is not None:
             self._own_engine.dispose()
 
@@ -142,9 +147,16 @@ class Registrar:
         if self._engine is None:
             with session_scope(self._factory) as session:
                 yield session
-        else:
-            with self._engine.begin() as connection:
-                yield connection
+            return
+        if self._connection is None:  # kept open: a pool checkout per commit was a measurable cost
+            self._connection = self._engine.connect()
+        try:
+            with self._connection.begin():
+                yield self._connection
+        except BaseException:
+            self._connection.close()  # after any error, start again from a fresh connection
+            self._connection = None
+            raise
 
     def _commit_records(self, records: Sequence[InstanceRecord]) -> list[RegistrationOutcome]:
         with self._transaction() as target:

@@ -18,7 +18,13 @@ from sqlalchemy import func, select
 from db.ingest import InstanceRecord
 from db.models import Instance
 from db.session import make_engine, make_session_factory
-from dicom_node.fastpath import UndecodableDataset, c_store_rsp_pdu, part10_header, scan_dataset
+from dicom_node.fastpath import (
+    UndecodableDataset,
+    c_store_rsp_pdu,
+    parse_c_store_rq,
+    part10_header,
+    scan_dataset,
+)
 from dicom_node.registrar import RegistrationError, Registrar
 from dicom_node.storage import DiskWatermark, InstanceStore, StoreOutcome, dataset_offset, uid_problem
 from tests.dicom_node.scp_helpers import ct_slice
@@ -220,3 +226,38 @@ def test_hand_encoded_c_store_rsp_is_byte_identical_to_pynetdicoms(status):
     pdu.from_primitive(p_data)
 
     assert c_store_rsp_pdu(3, 7, CTImageStorage, "1.2.826.0.1.3680043.8.498.123", status) == pdu.encode()
+
+
+def _encoded_command_set(primitive) -> bytes:
+    from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    message = (C_STORE_RQ if isinstance(primitive, C_STORE) else C_ECHO_RQ)()
+    message.primitive_to_message(primitive)
+    first = next(iter(message.encode_msg(1, 0)))  # the command set comes first, in one fragment
+    [(_, pdv)] = first.presentation_data_value_list
+    return pdv[1:]
+
+
+def test_hand_decoded_c_store_rq_reads_what_pynetdicom_encodes():
+    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+    request = C_STORE()
+    request.MessageID = 513
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    request.Priority = 1
+    request.MoveOriginatorApplicationEntityTitle = "PACS"
+    request.MoveOriginatorMessageID = 9
+    request.DataSet = BytesIO(b"\x08\x00\x16\x00")
+
+    command = parse_c_store_rq(_encoded_command_set(request))
+
+    assert command is not None
+    assert (command.message_id, command.sop_class_uid, command.sop_instance_uid, command.priority) == (
+        513, CTImageStorage, "1.2.826.0.1.3680043.8.498.77", 1)
+    assert (command.move_originator_ae, command.move_originator_message_id) == ("PACS", 9)
+    echo = C_ECHO()
+    echo.MessageID = 1
+    assert parse_c_store_rq(_encoded_command_set(echo)) is None  # another command: pynetdicom decodes it
+    assert parse_c_store_rq(_encoded_command_set(request)[:-3]) is None  # truncated
