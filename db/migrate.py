@@ -38,6 +38,15 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
+def schema_problem(database_url: str) -> str | None:
+    """Why a command cannot read this database yet (schema missing or behind), as an operator hint; else None."""
+    current, head = current_revision(database_url), head_revision()
+    if current == head:
+        return None
+    return (f"the database schema is at {current or 'nothing (no tables yet)'}, this node needs {head}: "
+            f"run `omnict-node db upgrade` (or start `omnict-node serve`, which migrates an embedded SQLite)")
+
+
 def ensure_schema(database_url: str) -> None:
     """Embedded SQLite is migrated on start; a server database must be migrated by the operator
     (``omnict-node db upgrade``), so a node never changes a shared schema behind its owners' back."""

@@ -70,8 +70,12 @@ def study_detail(session: Session, study_instance_uid: str) -> dict | None:
 @pass_node
 def status(node: NodeContext, study_instance_uid: str | None, as_json: bool) -> None:
     """Show studies and their state, or one study's runs and stage timings."""
+    from db.migrate import schema_problem
     from db.session import session_factory_for, session_scope
 
+    problem = schema_problem(node.settings.database.url)
+    if problem:
+        raise click.ClickException(problem)
     factory = session_factory_for(node.settings.database.url)
     with session_scope(factory) as session:
         data = study_detail(session, study_instance_uid) if study_instance_uid else study_overview(session)

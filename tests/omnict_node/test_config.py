@@ -1,5 +1,6 @@
 """Configuration: embedded defaults, TOML file, OMNICT_* environment overrides."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,14 @@ def test_db_upgrade_command_migrates_the_configured_database(tmp_path, monkeypat
 
     assert f"database at revision {head_revision()}" in result.output
     assert (tmp_path / "omnict.db").exists()
+
+
+def test_status_on_an_unmigrated_database_says_to_run_db_upgrade(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMNICT_DATA_DIR=str(tmp_path / "fresh"))
+    result = subprocess.run([sys.executable, "-m", "omnict_node", "status"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode != 0
+    assert "omnict-node db upgrade" in result.stderr and "Traceback" not in result.stderr
