@@ -7,9 +7,11 @@
 * Each round runs, interleaved (this machine is shared and noisy): dcmtk ``storescu +sd`` -> dcmtk ``storescp``
   (writes to a temporary folder, no fsync), then ``storescu +sd`` -> our :class:`dicom_node.scp.StorageSCP`
   (durable writes: fsync of every file and directory, plus registration of every instance in a fresh SQLite
-  database, the embedded default). ``TCP_NODELAY=1`` for the dcmtk tools.
+  database, the embedded default, committed before each success status). ``TCP_NODELAY=1`` for the dcmtk tools.
 * Time = wall clock of the ``storescu`` process (association, all C-STOREs, release).
-* After each of our rounds, every instance is checked on disk and in the database.
+* During our rounds the node's completeness sweeper runs (series quiet 0.5 s, study quiet 1 s); after each round,
+  every instance is checked on disk and in the database, and the study must have completed (and been dispatched)
+  exactly once. The wait for the quiet periods is not timed.
 * Prints each round, the medians, and as its LAST line ``ingest_ratio=<our MB/s / storescp MB/s>``.
 """
 
@@ -135,35 +137,49 @@ def round_ours(folder: Path, work: Path, expected: int, fast_path: bool) -> tupl
     from sqlalchemy import func, select
 
     from db.migrate import upgrade
-    from db.models import Instance
+    from db.models import Instance, PipelineRun
     from db.session import make_engine, make_session_factory
+    from db.states import RunState
+    from dicom_node.completeness import CompletenessSweeper
     from dicom_node.scp import StorageSCP
     from omnict_node.config import load_settings
 
     data_dir = work / "omnict-data"
     port = free_port()
     settings = load_settings(data_dir=str(data_dir), dicom={"port": port, "ae_title": "OMNICT"},
-                             storage={"min_free_bytes": 1024**3})
+                             storage={"min_free_bytes": 1024**3},
+                             completeness={"series_quiet_s": 0.5, "study_quiet_s": 1.0, "sweep_interval_s": 0.2})
     upgrade(str(settings.database.url))  # a fresh database every round
     engine = make_engine(str(settings.database.url))
     factory = make_session_factory(engine)
     scp = StorageSCP(settings, factory, fast_path=fast_path)
+    dispatched: list[int] = []  # the node's sweeper runs during the transfer, as under `serve`
+    sweeper = CompletenessSweeper(settings.completeness, factory, dispatched.append)
     scp.start()
+    sweeper.start()
     try:
         elapsed = time_storescu(scp.port, "OMNICT", folder)
+        deadline = time.monotonic() + 30  # not timed: the quiet periods must pass
+        while not dispatched and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3 * settings.completeness.sweep_interval_s)  # would a second completion follow? (must not)
     finally:
+        sweeper.stop()
         scp.stop()
     root = Path(settings.storage.root)
     on_disk = sum(1 for _ in root.rglob("*.dcm"))
     with factory() as session:
         in_db = session.scalar(select(func.count()).select_from(Instance))
+        runs = session.execute(select(PipelineRun.state)).scalars().all()
     engine.dispose()
     shutil.rmtree(data_dir, ignore_errors=True)
     if on_disk != expected or in_db != expected:
         raise RuntimeError(f"verification failed: {on_disk} files on disk, {in_db} rows in the database, "
                            f"{expected} sent")
+    if len(runs) != 1 or runs[0] is not RunState.COMPLETE or len(dispatched) != 1:
+        raise RuntimeError(f"verification failed: runs {runs}, dispatched {len(dispatched)} times (want 1 complete)")
     return elapsed, f"verified {on_disk}/{expected} on disk, {in_db}/{expected} in the database " \
-                    f"({scp.registrar.batches_committed} commits)"
+                    f"({scp.registrar.batches_committed} commits), study complete once"
 
 
 def round_transport_only(folder: Path, work: Path, fast_path: bool) -> float:
