@@ -2,20 +2,24 @@
 
 Reference (what a plain HF user does): for each question, ``model.generate()`` on the whole prompt — vision tower,
 prefill of system + image + organ + question tokens, greedy decoding — batch 1.
-Engine: image encoded once, one prefill per organ prefix (batched), question suffixes + greedy decoding batched
-(omnict_core/inference/engine.py). Same model, dtype (fp32), greedy settings and max_new_tokens; answers are asserted
-token-identical. One warm-up round, then ``--reps`` interleaved rounds; medians are compared.
+Engine (omnict_core/inference/engine.py): image encoded once; the shared prefix (system turn + global visual tokens)
+prefilled once; every organ group's own tokens and every question in ONE packed pass over a tree-shaped KV buffer;
+greedy decoding of all unfinished answers as one packed step each (finished answers drop out), in a lean decode loop
+on the model's own weights (no HF generate / Cache / mask machinery); relevance from the decode pass's own queries
+and keys. Same model, dtype (fp32), greedy settings and max_new_tokens; answers are asserted token-identical.
+One warm-up round, then ``--reps`` interleaved rounds; medians are compared.
 
 Uses ``checkpoints/omnict-tiny-phantom/`` when it exists, else a randomly initialised tiny model (a random model
 never emits <|im_end|>, so every answer runs to max_new_tokens in both paths).
 
 What bounds the ratio: the reference runs the vision tower and the whole prompt once per question and
-sum(answer lengths) decode steps at batch 1; the engine runs the vision tower once, the shared prefix once, and
-max(answer lengths) batched decode steps. On this CPU one decode step of the tiny Qwen2 costs ~5 ms at batch 1 or 10
-(Python/dispatch overhead), so a battery whose answers are equally long gains most; one long answer among short
-ones (a report) leaves the engine ~max(n) steps against the reference's sum(n).
+sum(answer lengths) decode steps at batch 1 through HF generate (~3-5 ms a step on this CPU, mostly per-call
+machinery); the engine runs the vision tower once (~25% of its time: the same computation as one reference call),
+~30% of the reference's prompt tokens (the last layer only for the positions whose logits are needed), and
+max(answer lengths) packed decode steps of ~1-2 ms each (reading the weights + ~200 small ops).
 
-    /tmp/venv0/bin/python bench/vqa_battery.py [--checkpoint DIR] [--reps 5] [--max-new-tokens 32] [--threads N]
+    .venv/bin/python bench/vqa_battery.py [--checkpoint DIR] [--reps 7] [--max-new-tokens 32] [--threads N]
+    .venv/bin/python bench/vqa_battery.py --checkpoint /nonexistent      # random weights
 
 Last line: ``battery_speedup=<median reference time / median engine time>`` (answers only, like the reference);
 the line before it includes the engine's per-unit relevance pass.
@@ -69,7 +73,7 @@ def load_model(checkpoint: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1,
@@ -114,12 +118,18 @@ def main() -> None:
             for name, fn in (("reference", run_reference), ("engine", lambda: run_engine(False)),
                              ("engine+relevance", lambda: run_engine(True))):
                 start = time.perf_counter()
-                fn()
+                result = fn()
                 times[name].append(time.perf_counter() - start)
+                ids = result if name == "reference" else [a.token_ids for a in result]
+                assert ids == reference, f"{name}: answers changed between rounds"  # every timed round checked
     medians = {k: statistics.median(v) for k, v in times.items()}
     for name, values in times.items():
         runs = ", ".join(f"{v * 1000:.0f}" for v in values)
-        print(f"{name:>17}: median {medians[name] * 1000:8.1f} ms  (runs: {runs})")
+        print(f"{name:>17}: median {medians[name] * 1000:8.1f} ms per battery, "
+              f"{medians[name] * 1000 / len(BATTERY):6.1f} ms per question  (runs: {runs})")
+    paired = [r / e for r, e in zip(times["reference"], times["engine"])]
+    print(f"per-round ratios reference/engine: {', '.join(f'{x:.2f}' for x in paired)} "
+          f"(median {statistics.median(paired):.2f})")
     print(f"battery_speedup_with_relevance={medians['reference'] / medians['engine+relevance']:.2f}")
     print(f"battery_speedup={medians['reference'] / medians['engine']:.2f}")
 

@@ -149,3 +149,94 @@ def test_engine_slice_with_organ_label_map(trained):
     questions = [Question("Is there a lesion in the liver?", "liver"), Question("Describe the kidneys.")]
     answers = OmniCTEngine(model, tokenizer, max_new_tokens=8).ask(slice_study, questions)
     assert [a.token_ids for a in answers] == [baseline_generate(model, tokenizer, slice_study, q, 8) for q in questions]
+
+
+def _eager_relevance(model, tokenizer, study, question, generated):
+    """The definition, computed the slow way: one full forward (vision + whole prompt + answer) with EAGER attention,
+    attention of the positions that produced the answer tokens to the global visual tokens, mean over layers, heads
+    and positions, summed per unit and normalised."""
+    from omnict_core.tokenization_omnict import encode_example
+
+    cfg = model.config
+    prompt = encode_example(tokenizer, cfg, study.kind, question.text, num_units=study.num_units).input_ids
+    label_ids = study.organ_label_ids(question.organ) or None
+    mask = study.organ_mask(label_ids) if label_ids else None
+    lm = model.language_model
+    previous = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():  # answer tokens are plain text embeddings even when they are placeholder ids
+            embeds = torch.cat([
+                model.prepare_inputs_embeds(torch.tensor([prompt]), study.pixel_units[None],
+                                            organ_masks=None if mask is None else [mask]),
+                model.get_input_embeddings()(torch.tensor([generated[:-1]], dtype=torch.long))], dim=1)
+            out = model(inputs_embeds=embeds, output_attentions=True)
+    finally:
+        lm.set_attn_implementation(previous)
+    visual = (torch.tensor(prompt) == cfg.image_token_id(study.kind)).nonzero()[:, 0]
+    n = len(generated)
+    stacked = torch.stack([a[0, :, -n:, :] for a in out.attentions])  # (layers, heads, n, T)
+    units = stacked[..., visual].mean(dim=(0, 1, 2)).view(-1, cfg.tokens_per_unit(study.kind)).sum(dim=1)
+    return (units / units.sum()).tolist()
+
+
+@pytest.fixture(scope="module")
+def sharp(trained):
+    """The test model with 3x larger query / key projections: peaked attention, so the relevance is far from
+    uniform and any error in which keys a position sees shows up in it."""
+    import copy
+
+    model, tokenizer = trained
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in model.language_model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.mul_(3.0)
+                proj.bias.mul_(3.0)
+    return model, tokenizer
+
+
+def test_relevance_equals_an_eager_forward_over_prompt_and_answer(sharp, study):
+    """The engine derives relevance from the queries / keys of its own decoding (no second pass); it must equal the
+    attention of a separate eager forward over the whole prompt + answer, for answers of different lengths and
+    organ groups decoded together."""
+    model, tokenizer = sharp
+    engine = OmniCTEngine(model, tokenizer, max_new_tokens=16)
+    answers = engine.ask(study, QUESTIONS)
+    assert len({len(a.token_ids) for a in answers}) >= 3
+    assert [a.token_ids for a in answers] == [baseline_generate(model, tokenizer, study, q, 16) for q in QUESTIONS]
+    assert all(max(a.unit_relevance) - min(a.unit_relevance) > 0.03 for a in answers)  # far from uniform
+    for question, answer in zip(QUESTIONS, answers):
+        generated = answer.token_ids + ([engine.eos_id] if answer.finished else [])
+        expected = _eager_relevance(model, tokenizer, study, question, generated)
+        assert answer.unit_relevance == pytest.approx(expected, abs=1e-5), question
+        assert expected[answer.key_units[0]] == pytest.approx(max(expected), abs=1e-5)  # the most relevant unit
+    # the relevance is not uniform and differs between answers (it is computed per answer)
+    assert len({tuple(a.unit_relevance) for a in answers}) > 1
+    # computed in chunks of generating positions (bounded memory for long reports): the same numbers
+    import functools
+
+    engine._attach_relevance = functools.partial(engine._attach_relevance, chunk=7)
+    chunked = engine.ask(study, QUESTIONS)
+    for a, c in zip(answers, chunked):
+        assert c.unit_relevance == pytest.approx(a.unit_relevance, abs=1e-6)
+
+
+def test_engine_is_reusable_and_deterministic(trained, study):
+    """Repeated asks (and a different question order) give the same answers: no state leaks between calls."""
+    model, tokenizer = trained
+    engine = OmniCTEngine(model, tokenizer, max_new_tokens=12)
+    first = engine.ask(study, QUESTIONS)
+    again = engine.ask(study, QUESTIONS[::-1])[::-1]
+    assert [a.token_ids for a in first] == [a.token_ids for a in again]
+    for x, y in zip(first, again):
+        assert x.unit_relevance == pytest.approx(y.unit_relevance, abs=1e-5)
+
+
+def test_organ_mask_lookup_equals_study_organ_mask(study):
+    from omnict_core.inference.engine import _organ_mask
+
+    for organ in ("liver", "kidneys", "spleen", ("liver", "spleen")):
+        ids = study.organ_label_ids(organ)
+        assert torch.equal(_organ_mask(study, ids), study.organ_mask(ids)), organ
+    assert not _organ_mask(study, [99]).any()
