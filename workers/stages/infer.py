@@ -73,9 +73,9 @@ def infer(context: StageContext) -> dict:
     label_map, labels = load_label_map(context)
     study = prepare_volume(volume.hu, engine.config, labels=label_map, spacing=volume.spacing, label_names=labels)
     battery = protocol.battery(labels.values())
-    answers = engine.ask(study, [Question(q.text, organ=region) for q, region in battery])
-    report = engine.report(study, max_new_tokens=context.settings.model.report_max_new_tokens,
-                           prompt=protocol.report_prompt)
+    # The report is one more question of the same call: the image is encoded and the prefix prefilled once.
+    report_question = Question(protocol.report_prompt, None, context.settings.model.report_max_new_tokens)
+    *answers, report = engine.ask(study, [Question(q.text, organ=region) for q, region in battery] + [report_question])
 
     assembled = context.results["assemble"]
     rows = []
