@@ -88,9 +88,19 @@ class PreparedStudy:
                 return sorted(ids)
         return []
 
-    def key_slices(self, unit_indices: Iterable[int]) -> list[int]:
-        """Source slice indices drawn on by the given units (sorted, unique)."""
+    def source_slices(self, unit_indices: Iterable[int]) -> list[int]:
+        """Every source slice index drawn on by the given units (sorted, unique)."""
         return sorted({s for u in unit_indices for s in self.unit_source_slices[u]})
+
+    def key_slices(self, unit_indices: Iterable[int]) -> list[int]:
+        """One key image per unit: the middle of the source slices it drew on (sorted, unique). A unit of a
+        300-slice series spans ~75 source slices; a radiologist wants one image to open per region, not all."""
+        middles = set()
+        for unit in unit_indices:
+            slices = self.unit_source_slices[unit]
+            if slices:
+                middles.add(slices[len(slices) // 2])
+        return sorted(middles)
 
 
 # ------------------------------------------------------------------------------------------------ primitives

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -91,17 +92,26 @@ class SourceSeries:
         """``(n_slices, Rows, Columns)``: the shape a label map must have."""
         return (len(self.datasets), int(self.first.Rows), int(self.first.Columns))
 
-    def dataset_for(self, reference: int | str) -> Dataset:
-        """The dataset for a slice index or a SOP Instance UID; raises ReportInputError if it is not in the series."""
+    @cached_property
+    def _index_by_uid(self) -> dict[str, int]:
+        return {str(ds.SOPInstanceUID): index for index, ds in enumerate(self.datasets)}
+
+    def index_of(self, reference: int | str) -> int:
+        """The slice index of a slice index or a SOP Instance UID; raises ReportInputError if it is not in the
+        series."""
         if isinstance(reference, (int, np.integer)):
             index = int(reference)
             if not 0 <= index < len(self.datasets):
                 raise ReportInputError(f"slice index {index} outside the series (0..{len(self.datasets) - 1})")
-            return self.datasets[index]
-        for ds in self.datasets:
-            if ds.SOPInstanceUID == reference:
-                return ds
-        raise ReportInputError(f"SOP Instance UID {reference} is not in the source series")
+            return index
+        index = self._index_by_uid.get(str(reference))
+        if index is None:
+            raise ReportInputError(f"SOP Instance UID {reference} is not in the source series")
+        return index
+
+    def dataset_for(self, reference: int | str) -> Dataset:
+        """The dataset for a slice index or a SOP Instance UID; raises ReportInputError if it is not in the series."""
+        return self.datasets[self.index_of(reference)]
 
 
 def _repair_blank_sop_class(ds: Dataset) -> None:
@@ -197,5 +207,4 @@ class RunIdentity:
 
 def resolve_key_images(source: SourceSeries, references: Sequence[int | str]) -> list[Dataset]:
     """Datasets of the referenced slices, de-duplicated, in series order."""
-    wanted = {id(source.dataset_for(ref)) for ref in references}
-    return [ds for ds in source.datasets if id(ds) in wanted]
+    return [source.datasets[index] for index in sorted({source.index_of(ref) for ref in references})]

@@ -34,8 +34,9 @@ from scipy import ndimage
 
 from reports import coding
 from reports.algorithm import algorithm_identification_items, observation_context
+from reports.encoded import declare_explicit_little_endian
 from reports.inputs import AlgorithmInfo, OrganMeasurement, ReportInputError, RunIdentity, SourceSeries
-from reports.seg import SegmentationResult
+from reports.seg import SegmentationResult, slice_areas
 from reports.series import new_series_arguments, stamp_node_identity
 from reports.uids import ObjectKind, tracking_uid
 
@@ -78,12 +79,6 @@ def outer_boundary(mask: np.ndarray) -> np.ndarray:
     points = np.asarray(loop, dtype=np.float64)
     turns = np.any(points[1:-1] - points[:-2] != points[2:] - points[1:-1], axis=1)
     return np.vstack([points[:1], points[1:-1][turns], points[-1:]])
-
-
-def slice_areas(label_map: np.ndarray) -> np.ndarray:
-    """Pixel count of every label value on every slice: ``(n_slices, max label + 1)``, one pass over the volume."""
-    bins = int(label_map.max()) + 1
-    return np.stack([np.bincount(plane.ravel(), minlength=bins) for plane in label_map])
 
 
 def polygon_area(vertices: np.ndarray) -> float:
@@ -203,17 +198,20 @@ def build_measurement_report(
     algorithm: AlgorithmInfo,
     run: RunIdentity,
     label_map: np.ndarray | None = None,
+    areas: np.ndarray | None = None,
 ) -> Comprehensive3DSR:
     """Comprehensive 3D SR (1.2.840.10008.5.1.4.1.1.88.34) holding TID 1500 with root Imaging Measurement Report
     (126000, DCM): Language, Observation Context (the algorithm as device observer), Procedure Reported (25045-6,
     LN) and one measurement group per organ. Evidence: the source images and the SEG (Current Requested Procedure
     Evidence Sequence); completion PARTIAL, verification UNVERIFIED (an algorithm's output, not a signed report).
     ``label_map`` (``(n_slices, Rows, Columns)`` in source order, as for the SEG): when given, each organ's
-    volumetric group is followed by its cross-section group (:func:`organ_cross_section_group`, see module note)."""
+    volumetric group is followed by its cross-section group (:func:`organ_cross_section_group`, see module note).
+    ``areas``: :func:`slice_areas` of ``label_map`` when already computed."""
     run.check_source(source)
     if not organs:
         raise ReportInputError("no organ measurements to report")
-    areas = None if label_map is None else slice_areas(label_map)
+    if label_map is not None and areas is None:
+        areas = slice_areas(label_map)
     groups: list[VolumetricROIMeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations]
     groups = []
     for organ in organs:
@@ -236,4 +234,5 @@ def build_measurement_report(
         **new_series_arguments(MEASUREMENT_KIND, run),
     )
     stamp_node_identity(sr, source, MEASUREMENT_KIND, run, algorithm)
+    declare_explicit_little_endian(sr)
     return sr

@@ -21,6 +21,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from reports import coding
 from reports.algorithm import algorithm_identification_items, observation_context
+from reports.encoded import declare_explicit_little_endian
 from reports.inputs import AlgorithmInfo, OrganMeasurement, ReportInputError, RunIdentity, SourceSeries, VqaAnswer
 from reports.series import new_series_arguments, stamp_node_identity
 from reports.uids import ObjectKind
@@ -52,6 +53,12 @@ def _environment() -> jinja2.Environment:
     )
 
 
+def load_template(template_name: str = TEMPLATE_NAME) -> jinja2.Template:
+    """The compiled template (compiled on first use, then cached by the environment; a worker compiles it when it
+    starts, see workers.tasks)."""
+    return _environment().get_template(template_name)
+
+
 def is_flagged(answer: VqaAnswer) -> bool:
     """An answer goes to the impression when it is not routine or its coded value is a positive finding."""
     if answer.urgency_level is not coding.Urgency.ROUTINE:
@@ -66,7 +73,7 @@ def render_narrative(
     template_name: str = TEMPLATE_NAME,
 ) -> str:
     """The narrative as plain text: a FINDINGS and an IMPRESSION section of "- " statements."""
-    template = _environment().get_template(template_name)
+    template = load_template(template_name)
     flagged = [a for a in answers if is_flagged(a)]
     return template.render(organs=list(organs), answers=list(answers), flagged=flagged, algorithm=algorithm)
 
@@ -139,4 +146,5 @@ def build_narrative_report(
         **new_series_arguments(NARRATIVE_KIND, run),
     )
     stamp_node_identity(sr, source, NARRATIVE_KIND, run, algorithm)
+    declare_explicit_little_endian(sr)
     return sr

@@ -52,6 +52,7 @@ from highdicom.sr import (
     TextContentItem,
 )
 from highdicom.sr.templates import DEFAULT_LANGUAGE  # en-US (RFC5646), as the narrative and measurement SRs
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
@@ -59,6 +60,7 @@ from pydicom.sr.coding import Code
 
 from reports import coding
 from reports.algorithm import algorithm_identification_items, observation_context
+from reports.encoded import EncodedItems, declare_explicit_little_endian, encode_item, raw_sequence
 from reports.inputs import AlgorithmInfo, ReportInputError, RunIdentity, SourceSeries, VqaAnswer, resolve_key_images
 from reports.series import new_series_arguments, stamp_node_identity
 from reports.uids import ObjectKind
@@ -73,6 +75,7 @@ _PRESENCE_VALUES = {code.value for code in codes.cid240.concepts.values()}  # Pr
 _CONTAINS = RelationshipTypeValues.CONTAINS
 _CONCEPT_MOD = RelationshipTypeValues.HAS_CONCEPT_MOD
 _INFERRED_FROM = RelationshipTypeValues.INFERRED_FROM
+_CONTENT_SEQUENCE = 0x0040A730
 
 
 def is_presence(code: Code | None) -> bool:
@@ -97,18 +100,62 @@ def coded_finding_of(answer: VqaAnswer) -> tuple[Code, Code] | None:
     return None
 
 
-def key_image_items(source: SourceSeries, answer: VqaAnswer) -> list[ImageContentItem]:
+def _key_image_builder(key: tuple[str, str]) -> ImageContentItem:
+    sop_class_uid, sop_instance_uid = key
+    return ImageContentItem(BEST_ILLUSTRATION_OF_FINDING, sop_class_uid, sop_instance_uid,
+                            relationship_type=_INFERRED_FROM)
+
+
+class KeyImageItems:
+    """The IMAGE items of one document (see :mod:`reports.encoded`): each distinct key image is built by highdicom
+    once, then copied as encoded elements for every answer that names it. A findings SR of a 300-slice study holds
+    thousands of them; building, deep-copying and writing each through highdicom/pydicom took seconds."""
+
+    def __init__(self) -> None:
+        self._items = EncodedItems(_key_image_builder)
+
+    @staticmethod
+    def _keys(source: SourceSeries, answer: VqaAnswer) -> list[tuple[str, str]]:
+        return [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in resolve_key_images(source, answer.key_images)]
+
+    def items(self, source: SourceSeries, answer: VqaAnswer) -> list[Dataset]:
+        return [self._items.item(key) for key in self._keys(source, answer)]
+
+    def encoded(self, source: SourceSeries, answer: VqaAnswer) -> list[bytes]:
+        return [self._items.encoded(key) for key in self._keys(source, answer)]
+
+
+def key_image_items(source: SourceSeries, answer: VqaAnswer, cache: KeyImageItems | None = None) -> list[Dataset]:
     """INFERRED FROM IMAGE (121080, DCM, "Best illustration of finding") per key image of the answer (TID 2001
-    row 1): Referenced SOP Sequence (0008,1199) = the source slice's SOP Class / Instance UID, in series order."""
-    return [
-        ImageContentItem(
-            BEST_ILLUSTRATION_OF_FINDING,
-            str(ds.SOPClassUID),
-            str(ds.SOPInstanceUID),
-            relationship_type=_INFERRED_FROM,
-        )
-        for ds in resolve_key_images(source, answer.key_images)
-    ]
+    row 1): Referenced SOP Sequence (0008,1199) = the source slice's SOP Class / Instance UID, in series order.
+    Encoded items (:class:`KeyImageItems`): read like any dataset, written as highdicom's ImageContentItem."""
+    return (cache or KeyImageItems()).items(source, answer)
+
+
+class _DeferredChildren:
+    """Key image children attached to content items after the SR constructor ran.
+
+    highdicom's SR constructor deep-copies and re-parses the whole content tree and walks it for references; with
+    thousands of IMAGE items that took seconds. The tree is therefore handed to it without the key image items; they
+    are attached afterwards to the very item datasets the document holds (the constructor copies the root's elements
+    by reference), each item's Content Sequence then written as one encoded sequence (the other children encoded by
+    pydicom in the document's character set, the images from their encoded copies): the bytes pydicom would write.
+    Reading the item decodes it as any sequence read from a file. The evidence is unchanged: every key image is a
+    source image (``resolve_key_images`` refuses any other), and all source images are the document's evidence."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Dataset, list[bytes]]] = []
+
+    def add(self, item: Dataset, images: list[bytes]) -> None:
+        if images:
+            self.pending.append((item, images))
+
+    def attach(self, character_set: str | list[str]) -> None:
+        for item, images in self.pending:
+            children = list(item.ContentSequence) if "ContentSequence" in item else []
+            item[_CONTENT_SEQUENCE] = raw_sequence(
+                _CONTENT_SEQUENCE, [*(encode_item(child, character_set) for child in children), *images])
+        self.pending = []
 
 
 def finding_site_item(answer: VqaAnswer) -> FindingSite | None:
@@ -128,7 +175,8 @@ def question_item(answer: VqaAnswer) -> TextContentItem:
     return TextContentItem(coding.QUESTION, answer.question, relationship_type=_CONTAINS)
 
 
-def answer_text_item(source: SourceSeries, answer: VqaAnswer) -> TextContentItem:
+def answer_text_item(source: SourceSeries, answer: VqaAnswer, images: KeyImageItems | None = None,
+                     deferred: _DeferredChildren | None = None) -> TextContentItem:
     """CONTAINS TEXT Finding (121071, DCM) = the model's answer, verbatim (TID 2002 row 3), with HAS CONCEPT MOD
     Priority (260870009, SCT) = the urgency, and INFERRED FROM the key images (TID 2002 row 4). Without a coded
     finding, the presence (a bare Present/Absent coded answer) and the finding site modify this item instead."""
@@ -142,12 +190,13 @@ def answer_text_item(source: SourceSeries, answer: VqaAnswer) -> TextContentItem
         site = finding_site_item(answer)
         if site is not None:
             children.append(site)
-    children.extend(key_image_items(source, answer))
     item.ContentSequence = DicomSequence(children)
+    _add_key_images(item, source, answer, images, deferred)
     return item
 
 
-def coded_finding_item(source: SourceSeries, answer: VqaAnswer) -> CodeContentItem | None:
+def coded_finding_item(source: SourceSeries, answer: VqaAnswer, images: KeyImageItems | None = None,
+                       deferred: _DeferredChildren | None = None) -> CodeContentItem | None:
     """CONTAINS CODE (TID 2002 row 1) of :func:`coded_finding_of`, e.g. Pleural effusion (60046008, SCT) = Present
     (52101004, SCT), with HAS CONCEPT MOD Finding Site (363698007, SCT) and INFERRED FROM the key images (TID 2002
     row 2); None when nothing is coded."""
@@ -160,30 +209,46 @@ def coded_finding_item(source: SourceSeries, answer: VqaAnswer) -> CodeContentIt
     site = finding_site_item(answer)
     if site is not None:
         children.append(site)
-    children.extend(key_image_items(source, answer))
     if children:
         item.ContentSequence = DicomSequence(children)
+    _add_key_images(item, source, answer, images, deferred)
     return item
 
 
-def answer_items(source: SourceSeries, answer: VqaAnswer) -> list[Dataset]:
+def _add_key_images(item: Dataset, source: SourceSeries, answer: VqaAnswer, images: KeyImageItems | None,
+                    deferred: _DeferredChildren | None) -> None:
+    images = images or KeyImageItems()
+    if deferred is not None:
+        deferred.add(item, images.encoded(source, answer))
+        return
+    children = [*(item.ContentSequence if "ContentSequence" in item else ()), *images.items(source, answer)]
+    if children:  # plain pydicom Sequence: highdicom's ContentSequence accepts its own item classes only
+        item[_CONTENT_SEQUENCE] = DataElement(_CONTENT_SEQUENCE, "SQ", DicomSequence(children))
+
+
+def answer_items(source: SourceSeries, answer: VqaAnswer, images: KeyImageItems | None = None,
+                 deferred: _DeferredChildren | None = None) -> list[Dataset]:
     """The TID 2002 items of one answer, in reading order: question, answer text, coded finding (if any)."""
-    items: list[Dataset] = [question_item(answer), answer_text_item(source, answer)]
-    coded = coded_finding_item(source, answer)
+    items: list[Dataset] = [question_item(answer), answer_text_item(source, answer, images, deferred)]
+    coded = coded_finding_item(source, answer, images, deferred)
     if coded is not None:
         items.append(coded)
     return items
 
 
-def findings_section(source: SourceSeries, answers: Sequence[VqaAnswer]) -> ContainerContentItem:
+def findings_section(source: SourceSeries, answers: Sequence[VqaAnswer],
+                     deferred: _DeferredChildren | None = None) -> ContainerContentItem:
     """CONTAINS CONTAINER Findings (59776-5, LN) (TID 2000 row 8, CID 7001), continuity SEPARATE, holding the items
     of :func:`answer_items` for every answer."""
     section = ContainerContentItem(coding.FINDINGS_SECTION, is_content_continuous=False, relationship_type=_CONTAINS)
-    section.ContentSequence = DicomSequence([item for answer in answers for item in answer_items(source, answer)])
+    images = KeyImageItems()
+    section.ContentSequence = DicomSequence(
+        [item for answer in answers for item in answer_items(source, answer, images, deferred)])
     return section
 
 
-def findings_content(source: SourceSeries, answers: Sequence[VqaAnswer], algorithm: AlgorithmInfo) -> Dataset:
+def findings_content(source: SourceSeries, answers: Sequence[VqaAnswer], algorithm: AlgorithmInfo,
+                     deferred: _DeferredChildren | None = None) -> Dataset:
     """The TID 2000 root: CONTAINER Diagnostic Imaging Report (18748-4, LN), continuity SEPARATE, Content Template
     Sequence (0040,A504) = DCMR 2000, with Procedure Reported (121058, DCM) = CT unspecified body region (25045-6,
     LN), Language (TID 1204), the algorithm as device observer (TID 1001/1002/1004), Algorithm Identification
@@ -195,7 +260,7 @@ def findings_content(source: SourceSeries, answers: Sequence[VqaAnswer], algorit
             *LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE),
             *observation_context(algorithm),
             *algorithm_identification_items(algorithm),
-            findings_section(source, answers),
+            findings_section(source, answers, deferred),
         ]
     )
     return root
@@ -214,9 +279,10 @@ def build_findings_report(
     run.check_source(source)
     if not answers:
         raise ReportInputError("no answers to report")
+    deferred = _DeferredChildren()
     sr = ComprehensiveSR(
         evidence=list(source.datasets),
-        content=findings_content(source, answers, algorithm),
+        content=findings_content(source, answers, algorithm, deferred),
         is_complete=False,
         is_final=False,
         is_verified=False,
@@ -225,4 +291,6 @@ def build_findings_report(
         **new_series_arguments(FINDINGS_KIND, run),
     )
     stamp_node_identity(sr, source, FINDINGS_KIND, run, algorithm)
+    deferred.attach(sr.SpecificCharacterSet)  # after the character set is final: the children are encoded in it
+    declare_explicit_little_endian(sr)
     return sr

@@ -2,16 +2,86 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
+import threading
+from pathlib import Path
 
-from celery import shared_task
+from celery import current_app, shared_task
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from omnict_node.logs import log_event
-from workers.pipeline import WorkerResources, execute_stage, fail_run, first_stage
+from workers.pipeline import WorkerResources, execute_stage, fail_run, first_stage, freeze_long_lived_objects
 
 log = logging.getLogger("omnict.tasks")
 
 RUN_STAGE = "omnict.run_stage"
+
+# What the CPU stages import on first use (DICOM encoding, the network stack, SQL helpers): about a second of imports
+# that the first study after a worker start would otherwise wait for. Imported when the worker process starts instead
+# (the models are not: they load on first use, as before).
+STAGE_DEPENDENCIES = ("omnict_core.io.dicom_series", "reports", "api.worklist", "dicom_node.delivery", "scipy.ndimage",
+                      "workers.stages")
+
+
+# highdicom reads its tables of the standard (JSON, ~0.7 s) on the first SEG it builds; they are cached per process.
+HIGHDICOM_TABLES = ("get_iod_module_map", "get_module_attribute_map")
+
+
+@worker_ready.connect  # solo pool: the worker's own process runs the tasks
+@worker_process_init.connect  # prefork pool: every child process
+def start_preloading(sender=None, **_) -> None:
+    """Preload in the background: a task that arrives meanwhile is not held up (it imports what it needs itself;
+    Python's import lock makes the two wait for each other on a module, never import it twice). When done, the
+    process marks itself warm (:func:`warm_marker`)."""
+    app = getattr(sender, "app", None) or current_app
+    settings = getattr(app, "omnict_settings", None)
+
+    def preload() -> None:
+        import_stage_dependencies()
+        freeze_long_lived_objects()  # the modules just imported live as long as the process
+        if settings is not None:
+            marker = warm_marker(settings.data_dir, os.getpid())
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"{os.getpid()}\n")
+            except OSError as exc:
+                log_event(log, "worker.marker_failed", logging.WARNING, error=type(exc).__name__)
+
+    threading.Thread(target=preload, name="omnict-preload", daemon=True).start()
+
+
+def warm_marker(data_dir: Path, pid: int) -> Path:
+    """``<data_dir>/workers/<pid>.warm``: exists while worker process ``pid`` is up with its stage dependencies
+    loaded (removed at shutdown; a killed worker leaves its file behind). The pipeline benchmark waits for it."""
+    return Path(data_dir) / "workers" / f"{pid}.warm"
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def remove_warm_marker(**_) -> None:
+    settings = getattr(current_app, "omnict_settings", None)
+    if settings is not None:
+        warm_marker(settings.data_dir, os.getpid()).unlink(missing_ok=True)
+
+
+def import_stage_dependencies() -> None:
+    for name in STAGE_DEPENDENCIES:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - a stage that needs it reports the error when it runs
+            log_event(log, "worker.preimport_failed", logging.WARNING, module=name, error=type(exc).__name__)
+    try:
+        importlib.import_module("reports.narrative").load_template()
+    except Exception as exc:  # noqa: BLE001 - the report stage reports a broken template when it runs
+        log_event(log, "worker.preload_failed", logging.WARNING, module="reports.narrative", error=type(exc).__name__)
+    try:
+        tables = importlib.import_module("highdicom._standard_utils")
+        for name in HIGHDICOM_TABLES:
+            getattr(tables, name)()
+    except Exception as exc:  # noqa: BLE001 - a private helper of highdicom: without it the first SEG reads them
+        log_event(log, "worker.preload_failed", logging.WARNING, module="highdicom", error=type(exc).__name__)
 
 
 def worker_resources(app) -> WorkerResources:

@@ -20,7 +20,7 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pydicom
@@ -82,6 +82,7 @@ class InstanceInfo:
     frames: list[FrameGeometry]  # one per frame (one for classic single-frame images)
     pixel_padding: float | None = None
     dataset: Dataset | None = field(default=None, repr=False)  # kept when given a dataset instead of a path
+    pixel_layout: "PixelLayout | None" = field(default=None, repr=False)  # where the native pixels lie in ``path``
 
     @property
     def is_multiframe(self) -> bool:
@@ -172,6 +173,64 @@ def instance_info(ds: Dataset, path: str | os.PathLike | None = None) -> Instanc
     )
 
 
+@dataclass(frozen=True)
+class PixelLayout:
+    """Native (uncompressed, little endian) single-frame pixel data at a known place in a file: ``count`` values of
+    ``dtype`` starting at byte ``offset``. Read with one ``np.fromfile`` instead of a second parse of the file and
+    pydicom's pixel handlers (a third of the time of assembling a 300-slice series)."""
+
+    offset: int
+    dtype: str
+    count: int
+    stored_mask: int | None = None  # unsigned values stored in fewer bits than allocated: keep these bits (as pydicom)
+
+
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # Implicit / Explicit VR Little Endian
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+def _pixel_layout(ds: Dataset, fp, element_offset: int) -> PixelLayout | None:
+    """Where the pixel values of a header-only read lie, or None when only pydicom's handlers can decode them
+    (compressed, big endian, deflated, multi-frame, colour, float, or stored bits that need sign correction)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    if syntax not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    bits, stored = _int(ds.get("BitsAllocated")), _int(ds.get("BitsStored"))
+    representation, samples = _int(ds.get("PixelRepresentation")), _int(ds.get("SamplesPerPixel")) or 1
+    rows, columns = _int(ds.get("Rows")) or 0, _int(ds.get("Columns")) or 0
+    if (bits not in (8, 16, 32) or representation not in (0, 1) or samples != 1 or not rows or not columns
+            or stored is None or not 0 < stored <= bits or (representation == 1 and stored != bits)
+            or (_int(ds.get("NumberOfFrames")) or 1) != 1 or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds):
+        return None
+    fp.seek(element_offset)
+    head = fp.read(12)
+    if head[:4] != _PIXEL_DATA_TAG:
+        return None
+    if syntax == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
+        length, start = int.from_bytes(head[4:8], "little"), element_offset + 8
+    elif head[4:6] in (b"OW", b"OB") and head[6:8] == b"\x00\x00":  # explicit VR: tag, VR, reserved, 4-byte length
+        length, start = int.from_bytes(head[8:12], "little"), element_offset + 12
+    else:
+        return None
+    count = rows * columns
+    if length == 0xFFFFFFFF or length < count * bits // 8:  # encapsulated, or shorter than the image
+        return None
+    return PixelLayout(start, f"<{'i' if representation else 'u'}{bits // 8}", count,
+                       (1 << stored) - 1 if stored < bits else None)
+
+
+def _read_header(path: str | os.PathLike) -> tuple[Dataset, PixelLayout | None]:
+    with open(path, "rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        element_offset = fp.tell()  # pydicom stops in front of (7FE0,0010)
+        try:
+            layout = _pixel_layout(ds, fp, element_offset)
+        except (OSError, ValueError, TypeError):
+            layout = None
+    return ds, layout
+
+
 def read_instance(item: str | os.PathLike | Dataset | InstanceInfo) -> InstanceInfo:
     """Path -> header read (no pixels); Dataset -> summarised (kept for pixel access); InstanceInfo -> itself."""
     if isinstance(item, InstanceInfo):
@@ -181,10 +240,12 @@ def read_instance(item: str | os.PathLike | Dataset | InstanceInfo) -> InstanceI
         info.dataset = item
         return info
     try:
-        ds = pydicom.dcmread(item, stop_before_pixels=True)
+        ds, layout = _read_header(item)
     except Exception as exc:  # noqa: BLE001 - any parse failure is "unreadable" for the caller
         raise NoImageError(f"{item}: not a readable DICOM file ({exc.__class__.__name__}: {exc})") from exc
-    return instance_info(ds, item)
+    info = instance_info(ds, item)
+    info.pixel_layout = layout
+    return info
 
 
 def group_by_series(items: Iterable[str | os.PathLike | Dataset | InstanceInfo]) -> dict[str, list[InstanceInfo]]:
@@ -414,6 +475,15 @@ class _Slice:
 
 
 def _pixels(info: InstanceInfo) -> np.ndarray:
+    layout = info.pixel_layout
+    if layout is not None and info.path is not None and (info.dataset is None or "PixelData" not in info.dataset):
+        with open(info.path, "rb") as fh:
+            fh.seek(layout.offset)
+            flat = np.fromfile(fh, dtype=layout.dtype, count=layout.count)
+        if flat.size == layout.count and info.rows * info.columns == layout.count:
+            if layout.stored_mask is not None:
+                flat &= layout.stored_mask
+            return flat.reshape(1, info.rows, info.columns)
     ds = info.dataset
     if ds is None or "PixelData" not in ds:
         if info.path is None:
@@ -426,12 +496,16 @@ def _pixels(info: InstanceInfo) -> np.ndarray:
 
 
 def load_volume(items: Sequence[str | os.PathLike | Dataset | InstanceInfo], *, resample_gaps: bool = True,
-                spacing_tolerance: float = 0.1, orientation_tolerance: float = 1e-3, dtype: Any = np.float32) -> CtVolume:
+                spacing_tolerance: float = 0.1, orientation_tolerance: float = 1e-3, dtype: Any = np.float32,
+                allocate: Callable[[tuple[int, int, int]], np.ndarray] | None = None) -> CtVolume:
     """Build the HU volume of ONE series.
 
     ``resample_gaps``: when slice spacing varies by more than ``spacing_tolerance`` (relative) -- missing slices,
     irregular reconstruction -- interpolate linearly onto a uniform grid at the median spacing so the affine is
-    true everywhere (reported either way).  ``dtype``: float32 (default) or int16 (rounded HU)."""
+    true everywhere (reported either way).  ``dtype``: float32 (default) or int16 (rounded HU).
+    ``allocate``: returns the float32 array ``(slices, rows, columns)`` the slices are decoded into (default a new
+    one), e.g. a memory-mapped .npy file, so that a caller who stores the volume does not copy it; the returned
+    ``hu`` is that array unless the slices were resampled or ``dtype`` is int16."""
     if not items:
         raise NoImageError("no instances given")
     infos = [read_instance(i) for i in items]
@@ -493,7 +567,9 @@ def load_volume(items: Sequence[str | os.PathLike | Dataset | InstanceInfo], *, 
     # decode (multi-frame files once)
     cache: dict[int, np.ndarray] = {}
     nz, ny, nx = len(slices), infos[0].rows, infos[0].columns
-    vol = np.empty((nz, ny, nx), np.float32)
+    vol = allocate((nz, ny, nx)) if allocate is not None else np.empty((nz, ny, nx), np.float32)
+    if vol.shape != (nz, ny, nx) or vol.dtype != np.float32:
+        raise ValueError(f"allocate() gave {vol.dtype} {vol.shape}, needed float32 {(nz, ny, nx)}")
     padded = 0
     for k, s in enumerate(slices):
         key = id(s.info)

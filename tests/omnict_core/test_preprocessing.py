@@ -72,7 +72,9 @@ def test_prepare_volume_units_range_and_organ_mask(tiny_config):
     assert study.organ_label_ids("kidneys") == [5, 6]  # plural -> both sides
     assert study.organ_label_ids("spleen") == []
     assert study.organ_mask(None) is None
-    assert study.key_slices([3]) == list(range(18, 25))
+    assert study.source_slices([3]) == list(range(18, 25))
+    first_middle = study.unit_source_slices[0][len(study.unit_source_slices[0]) // 2]
+    assert study.key_slices([3]) == [21] and study.key_slices([3, 0]) == [first_middle, 21]  # one image per unit
     with pytest.raises(ValueError, match="label map shape"):
         prepare_volume(hu, tiny_config, labels=labels[:3])
 

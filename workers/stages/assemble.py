@@ -19,11 +19,12 @@ from sqlalchemy import select
 from db.models import Instance, Series, Study
 from db.session import session_scope
 from omnict_node.logs import log_event
-from workers.pipeline import PermanentStageError, StageContext
+from workers.pipeline import PermanentStageError, StageContext, cyclic_gc_paused
 
 log = logging.getLogger("omnict.stage.assemble")
 
-VOLUME_FILE = "volume.npz"
+VOLUME_FILE = "volume.npy"  # float32 HU (z, y, x): a plain .npy is written and read at disk speed (no zip, no CRC)
+GEOMETRY_FILE = "volume_geometry.npz"  # spacing, affine, direction
 
 
 def study_files_by_series(context: StageContext) -> dict[str, list[Path]]:
@@ -52,8 +53,16 @@ class AssembledVolume:
 
 def load_assembled_volume(context: StageContext) -> AssembledVolume:
     """The volume the assemble stage wrote for this run."""
-    with np.load(context.work_dir / VOLUME_FILE) as data:
-        return AssembledVolume(data["hu"], tuple(float(v) for v in data["spacing"]), data["affine"], data["direction"])
+    with np.load(context.work_dir / GEOMETRY_FILE) as data:
+        spacing, affine, direction = tuple(float(v) for v in data["spacing"]), data["affine"], data["direction"]
+    return AssembledVolume(np.load(context.work_dir / VOLUME_FILE), spacing, affine, direction)
+
+
+def _replace_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+    tmp.replace(path)  # idempotent: a retried stage overwrites the same file
 
 
 def assemble(context: StageContext) -> dict:
@@ -62,19 +71,34 @@ def assemble(context: StageContext) -> dict:
     files = study_files_by_series(context)
     if not files:
         raise PermanentStageError("the study has no stored instances")
-    choice = select_ct_series(files)
+    with cyclic_gc_paused():  # a header dataset per instance
+        choice = select_ct_series(files)
     if not choice.ok:
         raise PermanentStageError(f"no CT series to analyse: {choice.reason}")
+    out = context.work_dir / VOLUME_FILE
+    tmp = out.with_name(out.name + ".tmp")
+    mapped: list[np.memmap] = []
+
+    def allocate(shape: tuple[int, int, int]) -> np.ndarray:
+        # The slices are decoded straight into the .npy file (page cache): no second 300 MB array, no copy to write.
+        mapped.append(np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape))
+        return mapped[-1]
+
     try:
-        volume = load_volume(choice.instances)
+        volume = load_volume(choice.instances, allocate=allocate)
     except DicomSeriesError as exc:
         raise PermanentStageError(f"cannot build a volume from series {choice.series_uid}: {exc}") from exc
 
-    out = context.work_dir / VOLUME_FILE
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez(tmp, hu=volume.hu.astype(np.float32), affine=volume.affine, direction=volume.direction,
-             spacing=np.asarray(volume.spacing))
-    tmp.replace(out)  # idempotent: a retried stage overwrites the same file
+    _replace_atomically(context.work_dir / GEOMETRY_FILE, lambda fh: np.savez(
+        fh, affine=volume.affine, direction=volume.direction, spacing=np.asarray(volume.spacing)))
+    if mapped and volume.hu is mapped[0]:
+        # No msync: a shared mapping writes into the page cache that every reader of the file reads (the np.save it
+        # replaces did not fsync either); it would write 300 MB to disk before the stage could end.
+        del mapped[0]
+        tmp.replace(out)  # idempotent: a retried stage overwrites the same file
+    else:  # resampled onto a new grid: the decoded slices were an intermediate
+        mapped.clear()
+        _replace_atomically(out, lambda fh: np.save(fh, volume.hu.astype(np.float32, copy=False)))
     problems = [{"kind": p.kind, "detail": p.detail, "count": p.count} for p in volume.report.problems]
     log_event(log, "pipeline.assemble.volume", run_id=context.run_id, series_uid=choice.series_uid,
               shape="x".join(map(str, volume.hu.shape)), problems=len(problems))

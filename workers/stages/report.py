@@ -19,7 +19,7 @@ from sqlalchemy import delete, select
 from db.models import Finding, OrganMeasurement, PipelineRun, ResultObject
 from db.session import session_scope
 from omnict_node.logs import log_event
-from workers.pipeline import StageContext
+from workers.pipeline import StageContext, cyclic_gc_paused
 from workers.stages.assemble import study_files_by_series
 from workers.stages.segment import load_label_map
 
@@ -101,31 +101,21 @@ def _organs(context: StageContext, session, labels: dict[int, str]) -> list:
 
 def report(context: StageContext) -> dict:
     from api.worklist import refresh_worklist_item
-    from reports import AlgorithmInfo, RunIdentity, SourceSeries, build_result_objects
+    from reports import SourceSeries
 
     assembled = context.results["assemble"]
     series_files = study_files_by_series(context)[assembled["series_instance_uid"]]
-    source = SourceSeries.from_files(series_files)
-    label_map, labels = load_label_map(context)
-    label_map = label_map_on_source_slices(label_map, assembled, len(source.datasets))
-    with session_scope(context.session_factory) as session:
-        answers = _answers(context, session)
-        organs = _organs(context, session, labels)
-        completed_at = session.scalar(select(PipelineRun.completed_at).where(PipelineRun.id == context.run_id))
-    segmentation = context.results.get("segment", {})
-    inference = context.results.get("infer", {})
-    objects = build_result_objects(
-        source, label_map, organs, answers,
-        AlgorithmInfo("OmniCT", str(inference.get("model_version", "unknown")),
-                      {"checkpoint": str(inference.get("checkpoint", "")), "protocol": str(inference.get("protocol", ""))}),
-        RunIdentity(context.study_instance_uid, f"{context.study_instance_uid}/run-{context.run_number}",
-                    created=completed_at),
-        segmentation_algorithm=AlgorithmInfo(str(segmentation.get("backend", "unknown")),
-                                             str(segmentation.get("backend_version", "unknown"))),
-    )
-    folder = results_dir(context)
-    shutil.rmtree(folder, ignore_errors=True)  # a retried stage writes the same objects again
-    paths = objects.write(folder)
+    with cyclic_gc_paused():
+        source = SourceSeries.from_files(series_files)
+        label_map, labels = load_label_map(context)
+        label_map = label_map_on_source_slices(label_map, assembled, len(source.datasets))
+        with session_scope(context.session_factory) as session:
+            answers = _answers(context, session)
+            organs = _organs(context, session, labels)
+            completed_at = session.scalar(select(PipelineRun.completed_at).where(PipelineRun.id == context.run_id))
+        segmentation = context.results.get("segment", {})
+        inference = context.results.get("infer", {})
+        objects, paths = _encode(context, source, label_map, organs, answers, segmentation, inference, completed_at)
     kinds = [kind for kind, obj in (("seg", objects.segmentation), ("measurement_sr", objects.measurement_report),
                                     ("findings_sr", objects.findings_report), ("narrative_sr", objects.narrative_report),
                                     ("kos", objects.key_objects)) if obj is not None]  # the order of datasets()
@@ -142,3 +132,22 @@ def report(context: StageContext) -> dict:
     log_event(log, "pipeline.report.done", run_id=context.run_id, objects=len(paths))
     return {"objects": [str(p.relative_to(context.settings.data_dir)) for p in paths],
             "narrative": objects.narrative_text}
+
+
+def _encode(context: StageContext, source, label_map, organs, answers, segmentation: dict, inference: dict,
+            completed_at):
+    from reports import AlgorithmInfo, RunIdentity, build_result_objects
+
+    objects = build_result_objects(
+        source, label_map, organs, answers,
+        AlgorithmInfo("OmniCT", str(inference.get("model_version", "unknown")),
+                      {"checkpoint": str(inference.get("checkpoint", "")), "protocol": str(inference.get("protocol", ""))}),
+        RunIdentity(context.study_instance_uid, f"{context.study_instance_uid}/run-{context.run_number}",
+                    created=completed_at),
+        segmentation_algorithm=AlgorithmInfo(str(segmentation.get("backend", "unknown")),
+                                             str(segmentation.get("backend_version", "unknown"))),
+    )
+    folder = results_dir(context)
+    shutil.rmtree(folder, ignore_errors=True)  # a retried stage writes the same objects again
+    paths = objects.write(folder)
+    return objects, paths

@@ -1,0 +1,123 @@
+"""What the stages read and write around the models: slice pixels read at their offset, the volume decoded straight
+into its .npy file, the embedded broker's hand-off polling, the worker's warm marker."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless,
+                         generate_uid)
+
+from omnict_core.io.dicom_series import load_volume, read_instance
+from omnict_node.config import load_settings
+
+ROWS, COLUMNS, SLICES = 24, 20, 5
+
+
+def write_series(folder: Path, *, syntax: str = ExplicitVRLittleEndian, bits: int = 16, stored: int = 16,
+                 signed: bool = False, slope: float = 1.0, intercept: float = -1024.0, compress: bool = False,
+                 seed: int = 0) -> list[Path]:
+    """A small CT series with random pixel values filling all allocated bits (high bits above BitsStored too)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
+    paths = []
+    for index in range(SLICES):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SOPClassUID, ds.Modality = CTImageStorage, "CT"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.InstanceNumber, ds.SeriesNumber = SLICES - index, 2  # numbers against position: sorting is by position
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-10.0, -12.0, 50.0 - 2.5 * index]
+        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.8], 2.5
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = ROWS, COLUMNS, 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, stored, stored - 1, int(signed)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        info = np.iinfo(dtype)
+        ds.PixelData = rng.integers(info.min, info.max, size=(ROWS, COLUMNS), endpoint=True, dtype=dtype).tobytes()
+        if compress:
+            ds.compress(RLELossless)
+        path = folder / f"{index:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def expected_hu(paths: list[Path]) -> np.ndarray:
+    """pydicom's own decoding (pixel handlers), sorted by position along the normal, rescaled."""
+    datasets = sorted((pydicom.dcmread(p) for p in paths), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    return np.stack([ds.pixel_array.astype(np.float32) * np.float32(ds.RescaleSlope) + np.float32(ds.RescaleIntercept)
+                     for ds in datasets])
+
+
+@pytest.mark.parametrize(("name", "options", "offset_read"), [
+    ("explicit, 12 of 16 bits unsigned, garbage above", dict(stored=12), True),
+    ("implicit VR", dict(syntax=ImplicitVRLittleEndian), True),
+    ("signed 16 bits", dict(signed=True, intercept=0.0), True),
+    ("8 bits, slope 2", dict(bits=8, stored=8, slope=2.0, intercept=-100.0), True),
+    ("signed 12 of 16 bits: pydicom's sign correction", dict(signed=True, stored=12, intercept=0.0), False),
+    ("RLE compressed: pydicom decodes", dict(compress=True), False),
+])
+def test_volume_pixels_equal_pydicoms_decoding(tmp_path: Path, name: str, options: dict, offset_read: bool) -> None:
+    paths = write_series(tmp_path / "ct", **options)
+    infos = [read_instance(p) for p in paths]
+    assert all((info.pixel_layout is not None) == offset_read for info in infos), name
+    volume = load_volume(infos)
+    assert volume.hu.dtype == np.float32
+    np.testing.assert_array_equal(volume.hu, expected_hu(paths))
+    assert volume.shape == (SLICES, ROWS, COLUMNS)
+
+
+def test_volume_is_decoded_into_the_callers_array(tmp_path: Path) -> None:
+    paths = write_series(tmp_path / "ct", stored=12)
+    target = tmp_path / "volume.npy"
+    mapped = []
+
+    def allocate(shape):
+        mapped.append(np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=shape))
+        return mapped[-1]
+
+    volume = load_volume(paths, allocate=allocate)
+    assert volume.hu is mapped[0]
+    np.testing.assert_array_equal(np.load(target), expected_hu(paths))
+    with pytest.raises(ValueError, match="float32"):
+        load_volume(paths, allocate=lambda shape: np.empty(shape, np.float64))
+
+
+def test_embedded_broker_hands_off_within_a_poll_of_50_ms(tmp_path: Path) -> None:
+    from workers.celery_app import FILESYSTEM_POLLING_INTERVAL_S, make_celery
+
+    app = make_celery(load_settings(data_dir=str(tmp_path / "node")))
+    assert app.conf.broker_transport_options["polling_interval"] == FILESYSTEM_POLLING_INTERVAL_S <= 0.05
+    with app.connection_for_read() as connection:  # kombu's transport takes it up
+        assert connection.transport.polling_interval == FILESYSTEM_POLLING_INTERVAL_S
+
+
+def test_worker_marks_itself_warm_after_preloading(tmp_path: Path) -> None:
+    from workers.celery_app import make_celery
+    from workers.tasks import remove_warm_marker, start_preloading, warm_marker
+
+    settings = load_settings(data_dir=str(tmp_path / "node"))
+    make_celery(settings)  # the current app, as in a worker process
+    marker = warm_marker(settings.data_dir, __import__("os").getpid())
+    start_preloading()
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists()
+    import sys
+
+    assert {"reports", "dicom_node.delivery", "api.worklist"} <= set(sys.modules)
+    remove_warm_marker()
+    assert not marker.exists()
