@@ -77,8 +77,13 @@ def render_report(results: dict) -> str:
 @click.option("--task", "tasks", multiple=True,
               type=click.Choice(["judgment", "multiple_choice", "short_answer", "report"]),
               help="only these task types (repeatable); default all")
+@click.option("--finding", "findings", multiple=True,
+              help="only samples of these finding types (repeatable), e.g. lung_nodule, kidney_stone")
+@click.option("--size-bucket", "size_buckets", multiple=True,
+              help="only samples of these size buckets (repeatable), e.g. '<=10 mm'")
 def eval_command(model_dir: Path, data_dir: Path, split: str, out_path: Path | None, robustness: bool,
-                 batch_size: int, limit: int | None, threads: int | None, seed: int, tasks: tuple[str, ...]) -> None:
+                 batch_size: int, limit: int | None, threads: int | None, seed: int, tasks: tuple[str, ...],
+                 findings: tuple[str, ...], size_buckets: tuple[str, ...]) -> None:
     """Evaluate a trained OmniCT on the held-out phantom benchmark."""
     import torch
 
@@ -88,7 +93,7 @@ def eval_command(model_dir: Path, data_dir: Path, split: str, out_path: Path | N
         torch.set_num_threads(threads)
     conditions = CONDITIONS if robustness else ("normal",)
     results = evaluate(model_dir, data_dir, split, conditions, batch_size=batch_size, limit=limit, seed=seed,
-                       tasks=tasks or None)
+                       tasks=tasks or None, where={"finding_type": findings, "size_bucket": size_buckets})
     report = render_report(results)
     click.echo(report)
     if out_path:

@@ -84,11 +84,19 @@ def apply_condition(dataset: PhantomVQADataset, condition: str, indices: Sequenc
     raise ValueError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
 
 
+def select_samples(samples: Sequence[dict], where: dict[str, Sequence[str]] | None) -> list[dict]:
+    """Samples whose every ``where`` field holds one of the listed values (empty/None lists: no condition)."""
+    conditions = {field: set(values) for field, values in (where or {}).items() if values}
+    return [s for s in samples if all(str(s.get(field)) in values for field, values in conditions.items())]
+
+
 def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "bench", conditions: Sequence[str] = CONDITIONS,
              batch_size: int = 16, limit: int | None = None, bf16: bool = True, seed: int = 0,
-             progress: bool = True, tasks: Sequence[str] | None = None) -> dict:
+             progress: bool = True, tasks: Sequence[str] | None = None,
+             where: dict[str, Sequence[str]] | None = None) -> dict:
     """Scores of ``model_dir`` on ``data_dir``/``split`` under each condition (robustness on closed questions).
-    ``tasks`` keeps only those task types; ``limit`` then keeps the first N samples."""
+    ``tasks`` keeps only those task types; ``where`` keeps samples whose field (e.g. ``finding_type``,
+    ``size_bucket``) is one of the given values; ``limit`` then keeps the first N samples."""
     from omnict_core.data.dataset import read_jsonl
     from omnict_core.modeling_omnict import load_omnict
 
@@ -97,11 +105,13 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "bench", 
     samples = read_jsonl(Path(data_dir) / f"{split}.jsonl")
     if tasks:
         samples = [s for s in samples if s["task_type"] in set(tasks)]
+    samples = select_samples(samples, where)
     dataset = PhantomVQADataset(data_dir, split=split, max_samples=limit, samples=samples)
     all_indices = list(range(len(dataset)))
     closed = [i for i in all_indices if dataset.samples[i]["task_type"] in CLOSED_TASKS]
     scorer = OpenAnswerScorer()
     results: dict = {"model": str(model_dir), "data": str(data_dir), "split": split, "samples": len(dataset),
+                     "where": {k: list(v) for k, v in (where or {}).items() if v},
                      "use_ose": bool(model.config.use_ose), "conditions": {}}
     predictions_out: list[dict] = []
     for condition in conditions:

@@ -1,10 +1,13 @@
 """``omnict-node train``: one training stage of OmniCT on a phantom VQA data directory.
 
+    omnict-node train --preset tiny --data .cache/phantom-vqa --out artifacts/stage0 --stage 0 --steps 900 --batch-size 32
+    omnict-node train --data .cache/phantom-vqa --out artifacts/stage1 --stage 1 --init-from artifacts/stage0 ...
     omnict-node train --preset tiny --data .cache/phantom-vqa --out artifacts/stage1 --stage 1 --steps 300 --lr 1e-3
     omnict-node train --data .cache/phantom-vqa --out artifacts/stage2 --stage 2 --init-from artifacts/stage1 ...
 
 Re-running the same command after an interruption resumes from ``<out>/checkpoint-last`` (optimizer, scheduler,
-step, data position, RNG) unless ``--no-resume``.
+step, data position, RNG) unless ``--no-resume``. ``--stage 0`` (vision-tower pretraining, see
+``omnict_core.training.vision_pretrain``) has no resume; its ``--batch-size`` counts images.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path, file_okay=False, exists=True), required=True,
               help="data directory written by `python -m omnict_core.data.build`")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
-@click.option("--stage", type=click.IntRange(1, 2), default=2, show_default=True,
-              help="1 = alignment (vision tower + projector + OSE; LLM frozen), 2 = + LLM")
+@click.option("--stage", type=click.IntRange(0, 2), default=2, show_default=True,
+              help="0 = dense vision-tower pretraining (organ patches + closed answers, training split), "
+                   "1 = alignment (vision tower + projector + OSE; LLM frozen), 2 = + LLM")
 @click.option("--preset", default="tiny", show_default=True, help="model preset when not --init-from")
 @click.option("--config-json", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="JSON of top-level config overrides, e.g. {\"use_ose\": false}")
@@ -57,6 +61,10 @@ def train(data_dir: Path, out_dir: Path, stage: int, preset: str, config_json: P
     overrides = json.loads(config_json.read_text()) if config_json else {}
     if no_ose:
         overrides["use_ose"] = False
+    if stage == 0:
+        _train_stage0(data_dir, out_dir, preset, overrides, steps, batch_size, lr, warmup_ratio, weight_decay,
+                      seed, bf16, threads, max_samples, init_from)
+        return
     cfg = TrainConfig(data_dir=str(data_dir), out_dir=str(out_dir), stage=stage, preset=preset,
                       config_overrides=overrides, init_from=str(init_from) if init_from else None, steps=steps,
                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
@@ -74,3 +82,30 @@ def train(data_dir: Path, out_dir: Path, stage: int, preset: str, config_json: P
         click.echo(f"done: step {trainer.step}, loss first {losses[0]:.4f} last-10% "
                    f"{sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses[-max(1, len(losses) // 10):])):.4f}, "
                    f"{trainer.elapsed_s:.0f} s -> {out_dir}")
+
+
+def _train_stage0(data_dir: Path, out_dir: Path, preset: str, overrides: dict, steps: int, batch_size: int,
+                  lr: float | None, warmup_ratio: float, weight_decay: float, seed: int, bf16: bool,
+                  threads: int | None, max_samples: int | None, init_from: Path | None) -> None:
+    """``--stage 0``: vision-tower pretraining (omnict_core.training.vision_pretrain); --batch-size counts images."""
+    from omnict_core.training.vision_pretrain import VisionPretrainConfig, VisionPretrainer
+
+    if init_from is not None:
+        raise click.UsageError("--stage 0 starts from a random tower; --init-from is for stages 1 and 2")
+    cfg = VisionPretrainConfig(data_dir=str(data_dir), out_dir=str(out_dir), preset=preset,
+                               config_overrides=overrides, steps=steps, batch_size=batch_size,
+                               lr=lr if lr is not None else 1e-3, warmup_ratio=warmup_ratio,
+                               weight_decay=weight_decay, seed=seed, bf16=bf16, num_threads=threads,
+                               max_samples=max_samples)
+    trainer = VisionPretrainer(cfg)
+    tower = sum(p.numel() for p in trainer.model.vision_tower.parameters())
+    heads = sum(p.numel() for p in trainer.heads.parameters())
+    click.echo(f"stage 0: vision tower {tower / 1e6:.2f}M parameters (+ {heads / 1e6:.2f}M training-only heads), "
+               f"{len(trainer.images)} training images, {len(trainer.vocab.keys)} closed question keys, "
+               f"{steps} steps x {batch_size} images, peak lr {cfg.lr:g}")
+    history = trainer.train()
+    last = history[-max(1, len(history) // 10):]
+    click.echo(f"done: step {trainer.step}, last-10% loss {sum(h['loss'] for h in last) / len(last):.4f} "
+               f"patch acc {sum(h['patch_acc'] for h in last) / len(last):.3f} "
+               f"answer acc {sum(h['answer_acc'] for h in last) / len(last):.3f}, "
+               f"{trainer.elapsed_s:.0f} s -> {out_dir}")

@@ -9,7 +9,9 @@ answer tokens; they differ in which parameters move:
 Our ``tiny`` model is built from scratch (no pretrained weights may be downloaded), so a frozen vision tower would
 be a frozen *random* feature extractor that cannot see 5 mm nodules. Our stage 1 therefore trains the vision tower
 + MHP projector + OSE (slot embeddings) with the LLM frozen, and our stage 2 trains everything (vision tower,
-projector, OSE, LLM). ``--vision-frozen`` restores the paper's literal stage 1 for pretrained components.
+projector, OSE, LLM). ``--vision-frozen`` restores the paper's literal stage 1 for pretrained components — or keeps
+a tower pretrained by our stage 0 (``omnict_core.training.vision_pretrain``, the stand-in for a pretrained SigLIP)
+fixed in stages 1 and 2.
 
 Everything a resume needs is in ``<out>/checkpoint-last/``: model weights, AdamW state, scheduler state, the
 optimizer step, the data position (samples consumed from a seeded permutation) and the torch / numpy / python RNG

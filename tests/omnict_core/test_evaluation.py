@@ -108,3 +108,17 @@ def test_evaluate_runs_all_conditions_on_a_model(vqa_dir, tmp_path):
     assert acc is None or 0.0 <= acc <= 1.0
     assert len(data["predictions"]) == 6 and all(isinstance(p["prediction"], str) for p in data["predictions"])
     assert not math.isnan(data["conditions"]["noise"]["overall"]["chance"] or 0.0)
+
+
+def test_select_samples_filters_by_finding_and_size_bucket():
+    from omnict_core.evaluation.runner import select_samples
+
+    samples = [{"id": 1, "finding_type": "lung_nodule", "size_bucket": "<=10 mm"},
+               {"id": 2, "finding_type": "lung_nodule", "size_bucket": "none"},
+               {"id": 3, "finding_type": "kidney_stone", "size_bucket": "<=5 mm"},
+               {"id": 4, "finding_type": "liver_lesion", "size_bucket": "<=10 mm"}]
+    ids = lambda rows: [r["id"] for r in rows]  # noqa: E731
+    assert ids(select_samples(samples, None)) == [1, 2, 3, 4]
+    assert ids(select_samples(samples, {"finding_type": ("lung_nodule", "kidney_stone")})) == [1, 2, 3]
+    assert ids(select_samples(samples, {"finding_type": ("lung_nodule",), "size_bucket": ("<=10 mm",)})) == [1]
+    assert ids(select_samples(samples, {"finding_type": (), "size_bucket": ("<=10 mm",)})) == [1, 4]
