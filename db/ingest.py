@@ -133,15 +133,8 @@ def _instance_row(record: InstanceRecord, series_ids: dict[str, int]) -> dict:
     }
 
 
-def _matches(column, values: set[str] | dict[str, object]):
-    """``column IN (...)``, or ``column = :v`` for one value (the expanding IN is re-rendered at every execution:
-    measurable at one instance per transaction)."""
-    if len(values) == 1:
-        return column == next(iter(values))
-    return column.in_(list(values))
-
-
-# The statement of every single-instance registration, built once (building it costs more than running it).
+# The statement of every single-instance registration, built once (building it costs more than running it; study
+# and series lookups need no such care: the SCP's registrar caches their row ids, see KnownSeries).
 _ONE_EXISTING = select(_INSTANCES.c.sop_instance_uid).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
 
 
@@ -156,7 +149,7 @@ def _existing(conn: Connection, records: Sequence[InstanceRecord]) -> set[str]:
 def _ensure_studies(conn: Connection, records: Sequence[InstanceRecord]) -> dict[str, int]:
     wanted = {r.study_instance_uid: r for r in records}
     found = dict(conn.execute(select(_STUDIES.c.study_instance_uid, _STUDIES.c.id)
-                              .where(_matches(_STUDIES.c.study_instance_uid, wanted))).all())
+                              .where(_STUDIES.c.study_instance_uid.in_(list(wanted)))).all())
     for uid, record in wanted.items():
         if uid not in found:
             found[uid] = conn.scalar(insert(_STUDIES).values(
@@ -170,7 +163,7 @@ def _ensure_studies(conn: Connection, records: Sequence[InstanceRecord]) -> dict
 def _ensure_series(conn: Connection, records: Sequence[InstanceRecord], study_ids: dict[str, int]) -> dict[str, int]:
     wanted = {r.series_instance_uid: r for r in records}
     found = dict(conn.execute(select(_SERIES.c.series_instance_uid, _SERIES.c.id)
-                              .where(_matches(_SERIES.c.series_instance_uid, wanted))).all())
+                              .where(_SERIES.c.series_instance_uid.in_(list(wanted)))).all())
     for uid, record in wanted.items():
         if uid in found:
             continue

@@ -175,12 +175,15 @@ def parse_c_store_rq(command: bytes | memoryview) -> StoreCommand | None:
     try:
         if _us(values[0x0100]) != 0x0001 or _us(values[0x0800]) == 0x0101:
             return None  # not a C-STORE-RQ, or one without a data set
+        sop_class_uid, sop_instance_uid = uid_text(values[0x0002]), uid_text(values[0x1000])
+        if not sop_class_uid or not sop_instance_uid:
+            return None
         priority = _us(values.get(0x0700, b"\x02\x00"))
         move_id = values.get(0x1031)
         move_ae = values.get(0x1030)
         return StoreCommand(
-            message_id=_us(values[0x0110]), sop_class_uid=_ui_text(values[0x0002]),
-            sop_instance_uid=_ui_text(values[0x1000]), priority=priority,
+            message_id=_us(values[0x0110]), sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+            priority=priority,
             move_originator_ae=move_ae.decode("ascii", "replace").strip() if move_ae else None,
             move_originator_message_id=_us(move_id) if move_id else None)
     except (KeyError, struct.error):
@@ -191,8 +194,11 @@ def _us(raw: bytes) -> int:
     return struct.unpack("<H", raw)[0]
 
 
-def _ui_text(raw: bytes) -> str:
-    return raw.rstrip(b"\x00 ").decode("ascii", "replace")
+def uid_text(raw: bytes | None) -> str | None:
+    """A UI value without its padding (NUL or space); ``None`` when absent or empty."""
+    if raw is None:
+        return None
+    return raw.rstrip(b"\x00 ").lstrip(b" ").decode("ascii", errors="replace") or None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from db.ingest import InstanceRecord
+from dicom_node.fastpath import uid_text
 
 SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_DATE, MODALITY = 0x00080016, 0x00080018, 0x00080020, 0x00080060
 STUDY_UID, SERIES_UID, SERIES_NUMBER, INSTANCE_NUMBER = 0x0020000D, 0x0020000E, 0x00200011, 0x00200013
@@ -65,13 +66,6 @@ def dataset_facts(values: dict[int, bytes]) -> DatasetFacts:
         instance_number=first_int(values.get(INSTANCE_NUMBER)), study_date=short_text(values.get(STUDY_DATE), 8),
         requested_priority=short_text(values.get(REQUESTED_PRIORITY), 16),
     )
-
-
-def uid_text(raw: bytes | None) -> str | None:
-    """A UI value without its padding (NUL or space); ``None`` when absent or empty."""
-    if raw is None:
-        return None
-    return raw.rstrip(b"\x00 ").lstrip(b" ").decode("ascii", errors="replace") or None
 
 
 def short_text(raw: bytes | None, limit: int) -> str | None:

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.ingest import InstanceRecord, register_instances
 from db.models import Instance
 from db.session import session_scope
-from dicom_node.fastpath import UndecodableDataset, scan_dataset
+from dicom_node.fastpath import UndecodableDataset, scan_dataset, uid_text
 from dicom_node.header import (
     META_SOURCE_AE_TITLE,
     META_TRANSFER_SYNTAX_UID,
@@ -38,7 +38,6 @@ from dicom_node.header import (
     WANTED_TAGS,
     dataset_facts,
     short_text,
-    uid_text,
 )
 from dicom_node.registrar import record_quarantine
 from dicom_node.storage import InstanceStore, dataset_offset, uid_problem
@@ -72,9 +71,10 @@ def reconcile_storage(store: InstanceStore, session_factory: sessionmaker[Sessio
         missing = sorted(set(on_disk) - _registered(session_factory, list(on_disk)))
         records: list[InstanceRecord] = []
         for sop_uid in missing:
-            record = _record_for_file(store.root, on_disk[sop_uid], sop_uid)
+            raw = on_disk[sop_uid].read_bytes()
+            record = _record_for_file(store.root, on_disk[sop_uid], sop_uid, raw)
             if record is None:
-                _quarantine_unreadable(store, session_factory, on_disk[sop_uid], sop_uid)
+                _quarantine_unreadable(store, session_factory, on_disk[sop_uid], sop_uid, raw)
                 report.quarantined += 1
             else:
                 records.append(record)
@@ -126,10 +126,9 @@ def _registered(session_factory: sessionmaker[Session], sop_uids: list[str]) -> 
     return found
 
 
-def _record_for_file(root: Path, path: Path, sop_uid: str) -> InstanceRecord | None:
-    """The registration record of a stored Part 10 file, or ``None`` if it does not parse or does not belong
-    where it lies (its UIDs must match its folder and file names)."""
-    raw = path.read_bytes()
+def _record_for_file(root: Path, path: Path, sop_uid: str, raw: bytes) -> InstanceRecord | None:
+    """The registration record of the stored Part 10 file ``path`` (content ``raw``), or ``None`` if it does not
+    parse or does not belong where it lies (its UIDs must match its folder and file names)."""
     offset = dataset_offset(raw[:144])
     if offset is None or offset > len(raw):
         return None
@@ -151,8 +150,7 @@ def _record_for_file(root: Path, path: Path, sop_uid: str) -> InstanceRecord | N
 
 
 def _quarantine_unreadable(store: InstanceStore, session_factory: sessionmaker[Session], path: Path,
-                           sop_uid: str) -> None:
-    raw = path.read_bytes()
+                           sop_uid: str, raw: bytes) -> None:
     kept = store.quarantine([raw], UNREADABLE_REASON)
     record_quarantine(session_factory, path=str(kept), reason=UNREADABLE_REASON,
                       detail=f"found at {path.relative_to(store.root).as_posix()} without a database row",

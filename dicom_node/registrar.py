@@ -64,12 +64,14 @@ class Registrar:
         """``durable_commits=False``: commit on an engine of our own whose commits are not flushed one by one
         (see :func:`db.session.make_engine`); every file is fsynced before its registration, and
         :mod:`dicom_node.reconcile` re-registers at start what a power cut rolled back."""
+        engine: Engine | None = session_factory.kw.get("bind")
+        if engine is None:
+            raise ValueError("Registrar needs a session factory bound to an engine")
         self._own_engine: Engine | None = None
-        self._engine: Engine | None = session_factory.kw.get("bind")
-        if not durable_commits and self._engine is not None:
-            url = self._engine.url.render_as_string(hide_password=False)
-            self._own_engine = self._engine = make_engine(url, durable_commits=False)
-        self._factory = session_factory
+        if not durable_commits:
+            self._own_engine = engine = make_engine(engine.url.render_as_string(hide_password=False),
+                                                    durable_commits=False)
+        self._engine = engine
         self._known_series: KnownSeries = {}
         self._connection: Connection | None = None  # used by the committer only (under _commit_lock)
         self._batch_max = max(1, batch_max)
@@ -141,20 +143,16 @@ class Registrar:
             item.outcome = outcome
 
     @contextmanager
-    def _transaction(self) -> Iterator[Connection | Session]:
-        """A Core connection in a transaction (cheaper than an ORM session here), or a session when the factory
-        has no engine bound."""
-        if self._engine is None:
-            with session_scope(self._factory) as session:
-                yield session
-            return
-        if self._connection is None:  # kept open: a pool checkout per commit was a measurable cost
+    def _transaction(self) -> Iterator[Connection]:
+        """A transaction on a Core connection kept open across commits (cheaper than an ORM session and a pool
+        checkout per commit, both measurable here); after any error the next commit starts a fresh connection."""
+        if self._connection is None:
             self._connection = self._engine.connect()
         try:
             with self._connection.begin():
                 yield self._connection
         except BaseException:
-            self._connection.close()  # after any error, start again from a fresh connection
+            self._connection.close()
             self._connection = None
             raise
 

@@ -8,7 +8,7 @@ Durability protocol of :meth:`InstanceStore.store` (the SCP answers success only
 1. write preamble + file meta + dataset bytes to a temporary file *in the target directory* (same file system,
    so the rename below is atomic);
 2. ``rename`` it over the final name (atomic: a reader sees the old file or the new one, never half a file),
-   then ``fsync`` the file (after the rename, so one journal commit covers data, inode and directory entry);
+   then ``fsync`` the file (after the rename, so one journal commit can cover data, inode and directory entry);
 3. ``fsync`` the directory so the rename itself survives a power cut on every file system. A directory created
    for the first time also gets its parent fsynced (otherwise the new directory entry could vanish).
 
@@ -39,7 +39,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,9 +109,8 @@ class InstanceStore:
         without the instance being different.
 
         ``defer_dir_sync``: return right after the rename and leave the directory fsync (step 3) to the caller
-        (:meth:`sync_dir` on ``unsynced_dir``), which must finish it before it acknowledges the instance. The SCP
-        uses this to overlap the directory fsync with the database commit: the rename is already visible to
-        every process, only its power-loss durability is still in flight during the commit."""
+        (:meth:`sync_dir` on ``unsynced_dir``), which must finish it before it acknowledges the instance (the SCP
+        runs it outside the stripe lock, just before the database commit)."""
         target = self.path_for(study_uid, series_uid, sop_uid)
         size = len(header) + len(dataset)
         relative = f"{study_uid}/{series_uid}/{sop_uid}.dcm"
@@ -121,25 +120,9 @@ class InstanceStore:
             if existing_size is not None and _same_dataset(target, dataset):
                 self._fsync_file(target)  # a no-op when durable; completes a store whose fsync failed
                 return StoredInstance(relative, existing_size, StoreOutcome.IDENTICAL)
-            tmp, fd = self._write_temp_unsynced(target.parent, [header, dataset])
-            superseded = None
-            try:
-                if existing_size is not None:
-                    superseded = self._keep_superseded(target, study_uid, series_uid, sop_uid)
-                os.replace(tmp, target)
-                # fsync AFTER the rename: on ext4/xfs one journal commit then carries the data, the inode and
-                # the new directory entry, and the directory fsync below finds nothing left to commit. (Synced
-                # before the rename, the rename needs a second journal commit of its own: ~1 ms per instance.)
-                # Readers still never see half a file (the rename comes after the complete write); after a
-                # power cut the final name may hold unsynced bytes, but then no success was ever sent, and the
-                # sender's retry replaces them (compare above), old bytes kept in superseded/.
-                if self.fsync:
-                    os.fsync(fd)
-            except BaseException:
-                _unlink_quietly(tmp)
-                raise
-            finally:
-                os.close(fd)
+            keep_old = (lambda: self._keep_superseded(target, study_uid, series_uid, sop_uid)) \
+                if existing_size is not None else (lambda: None)
+            superseded = self._write_in_place(target, [header, dataset], before_rename=keep_old)
             if not defer_dir_sync:
                 self._fsync_dir(target.parent)
         outcome = StoreOutcome.CREATED if existing_size is None else StoreOutcome.REPLACED
@@ -156,17 +139,27 @@ class InstanceStore:
         self._ensure_dir_chain(folder)
         safe_reason = re.sub(r"[^a-z0-9_]", "_", reason.lower())[:32]
         target = folder / f"{safe_reason}-{uuid.uuid4().hex}.dcm"
-        tmp = self._write_temp(folder, chunks)
-        os.replace(tmp, target)
+        self._write_in_place(target, chunks)
         self._fsync_dir(folder)
         return target
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
-    def _write_temp(self, folder: Path, chunks: Sequence[_BufferLike]) -> Path:
-        """Write ``chunks`` to a new temporary file in ``folder``, fsync and close it; return its path."""
-        tmp, fd = self._write_temp_unsynced(folder, chunks)
+    def _write_in_place(self, target: Path, chunks: Sequence[_BufferLike],
+                        before_rename: Callable[[], Path | None] = lambda: None) -> Path | None:
+        """Write ``chunks`` to a temporary file beside ``target``, run ``before_rename``, rename the file over
+        ``target``, then fsync it; return what ``before_rename`` returned. The directory fsync is the caller's.
+
+        The fsync comes after the rename so that one journal commit can carry data, inode and directory entry
+        (no speed difference measured here either way). Readers never see half a file: the rename follows the
+        complete write. After a power cut the final name may hold unsynced bytes, but then no success was sent,
+        and the sender's retry replaces them (see :meth:`store`), the old bytes kept in superseded/."""
+        tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
+            _writev_all(fd, chunks)
+            kept = before_rename()
+            os.replace(tmp, target)
             if self.fsync:
                 os.fsync(fd)
         except BaseException:
@@ -174,20 +167,7 @@ class InstanceStore:
             raise
         finally:
             os.close(fd)
-        return tmp
-
-    @staticmethod
-    def _write_temp_unsynced(folder: Path, chunks: Sequence[_BufferLike]) -> tuple[Path, int]:
-        """Write ``chunks`` to a new temporary file in ``folder``; return its path and the still open descriptor."""
-        tmp = folder / f".tmp-{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        try:
-            _writev_all(fd, chunks)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            raise
-        return tmp, fd
+        return kept
 
     def _fsync_file(self, path: Path) -> None:
         if not self.fsync:

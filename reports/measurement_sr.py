@@ -132,26 +132,33 @@ def organ_cross_section_group(
     image = source.dataset_for(index)
     outline = outer_boundary(label_map[index] == organ.label_value)
     row_mm, column_mm = (float(v) for v in image.PixelSpacing)
-    coded = organ.organ
     return PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=tracking_uid(run, MEASUREMENT_KIND, organ.label_name),
-            identifier=organ.label_name,
-        ),
+        **_organ_group_items(organ, algorithm, run),
         referenced_region=ImageRegion(
             graphic_type=GraphicTypeValues.POLYLINE,
             graphic_data=outline,
             source_image=SourceImageForRegion(str(image.SOPClassUID), str(image.SOPInstanceUID)),
         ),
-        finding_category=coded.category,
-        finding_type=coded.property_type,
-        finding_sites=[FindingSite(anatomic_location=coded.property_type, laterality=coded.laterality)],
-        algorithm_id=algorithm_identification_items(algorithm),
         measurements=[
             Measurement(name=AREA, value=round(polygon_area(outline) * row_mm * column_mm / 100.0, 3),
                         unit=SQUARE_CENTIMETER)
         ],
     )
+
+
+def _organ_group_items(organ: OrganMeasurement, algorithm: AlgorithmInfo, run: RunIdentity) -> dict:
+    """What both measurement groups of an organ carry: Tracking Identifier (112039, DCM) = label name, Tracking
+    Unique Identifier (112040, DCM) (derived from the run, so OHIF pairs the groups with the SEG segment), Finding
+    Category/Finding (121071, DCM), Finding Site (363698007, SCT) with laterality, Algorithm Identification."""
+    coded = organ.organ
+    return {
+        "tracking_identifier": TrackingIdentifier(uid=tracking_uid(run, MEASUREMENT_KIND, organ.label_name),
+                                                  identifier=organ.label_name),
+        "finding_category": coded.category,
+        "finding_type": coded.property_type,
+        "finding_sites": [FindingSite(anatomic_location=coded.property_type, laterality=coded.laterality)],
+        "algorithm_id": algorithm_identification_items(algorithm),
+    }
 
 
 def organ_measurement_group(
@@ -169,12 +176,8 @@ def organ_measurement_group(
         segment_number = segmentation.segment_numbers[organ.label_name]
     except KeyError:
         raise ReportInputError(f"organ {organ.label_name!r} has no segment in the segmentation") from None
-    coded = organ.organ
     return VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=tracking_uid(run, MEASUREMENT_KIND, organ.label_name),
-            identifier=organ.label_name,
-        ),
+        **_organ_group_items(organ, algorithm, run),
         # The source SERIES, not every source image: on a 300-slice CT, one IMAGE item per slice per organ made the
         # SR thousands of items long (seconds to encode and send); the SEG itself references every source image.
         referenced_segment=ReferencedSegment(
@@ -183,10 +186,6 @@ def organ_measurement_group(
             segment_number=segment_number,
             source_series=SourceSeriesForSegmentation(segmentation.dataset.ReferencedSeriesSequence[0].SeriesInstanceUID),
         ),
-        finding_category=coded.category,
-        finding_type=coded.property_type,
-        finding_sites=[FindingSite(anatomic_location=coded.property_type, laterality=coded.laterality)],
-        algorithm_id=algorithm_identification_items(algorithm),
         measurements=organ_measurements(organ),
     )
 
