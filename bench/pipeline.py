@@ -12,12 +12,14 @@
   process's own start-up (Python, Celery, imports) overlaps the transfer and, when it takes longer, adds to the
   measured time (on a loaded 2-core machine up to 1-2 s, seen as a late start of the assemble stage). ``--warm``
   sends it once the worker is up and warm (its ``<data_dir>/workers/<pid>.warm`` marker, written when its stage
-  dependencies are loaded; the models still load on first use, inside the segment and infer stages): the steady
+  dependencies are imported and, the embedded worker consuming the gpu queue, its models are loaded): the steady
   state of a node that is already running.
 * The quiet periods are set to their minimum (series 0.2 s, study 0.3 s, sweep 0.1 s) and EXCLUDED: the time from the
   last C-STORE response to the completion decision is printed and subtracted.
-* Stage times come from the node's own records (``run_stages``). Overhead = everything that is not segmentation or
-  inference: completion hand-off, queueing, assembling, reporting, delivery. Last line:
+* Stage times come from the node's own records (``run_stages``). Segmentation = the segment stage (the segmenter
+  and the organ measurements it records), inference = the infer stage (resampling to the model's grid and the
+  question battery with the report). Overhead = everything else: completion hand-off, queueing, assembling,
+  reporting, delivery. Last line:
   ``overhead_ratio=<(total - segmentation - inference) / total>`` (goal <= 0.20), with ``--runs N`` the median of
   the runs' own ratios.
 """
@@ -141,7 +143,7 @@ def main() -> None:
     ratio = statistics.median(r["overhead"] / r["total"] for r in results)
     print(f"study: {args.slices} slices {args.size}x{args.size}; quiet periods set to their minimum "
           f"(series 0.2 s, study 0.3 s) and excluded; sent "
-          + ("once the node's worker was up and warm (--warm; models load on first use, inside their stages)"
+          + ("once the node's worker was up and warm, its models loaded (--warm)"
              if args.warm else "as soon as the node's port opened (the worker's start-up may overlap)"))
     print(f"medians: total {total:.2f} s, segmentation {segmentation:.2f} s, inference {inference:.2f} s, "
           f"everything else {overhead:.2f} s")

@@ -20,6 +20,7 @@ def worker(node: NodeContext, queues: str, concurrency: int | None, pool: str) -
 
     configure_logging(node.settings.log_level)
     app = make_celery(node.settings)
+    app.omnict_queues = tuple(q.strip() for q in queues.split(","))  # a gpu-queue worker loads its models at start
     quiet = ["--quiet"] if node.settings.log_level.upper() in ("WARNING", "ERROR", "CRITICAL") else []
     argv = [*quiet, "worker", "-Q", queues, "--pool", pool, "--loglevel", node.settings.log_level,
             "-c", str(concurrency or node.settings.workers.concurrency), "--without-gossip", "--without-mingle",

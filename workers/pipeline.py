@@ -84,6 +84,8 @@ class WorkerResources:
     settings: Settings
     session_factory: sessionmaker[Session]
     cache: dict[str, Any] = field(default_factory=dict)
+    # The worker's preload thread and a task may ask for the same model at once: one loads it, the other waits.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "WorkerResources":
@@ -91,10 +93,11 @@ class WorkerResources:
 
     def get_or_create(self, key: str, factory: Callable[[], Any]) -> Any:
         """One instance per process (a model is loaded once and kept warm)."""
-        if key not in self.cache:
-            self.cache[key] = factory()
-            freeze_long_lived_objects()
-        return self.cache[key]
+        with self._lock:
+            if key not in self.cache:
+                self.cache[key] = factory()
+                freeze_long_lived_objects()
+            return self.cache[key]
 
 
 @contextmanager

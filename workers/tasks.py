@@ -12,6 +12,7 @@ from celery import current_app, shared_task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from omnict_node.logs import log_event
+from workers.celery_app import GPU_QUEUE
 from workers.pipeline import WorkerResources, execute_stage, fail_run, first_stage, freeze_long_lived_objects
 
 log = logging.getLogger("omnict.tasks")
@@ -33,13 +34,18 @@ HIGHDICOM_TABLES = ("get_iod_module_map", "get_module_attribute_map")
 @worker_process_init.connect  # prefork pool: every child process
 def start_preloading(sender=None, **_) -> None:
     """Preload in the background: a task that arrives meanwhile is not held up (it imports what it needs itself;
-    Python's import lock makes the two wait for each other on a module, never import it twice). When done, the
-    process marks itself warm (:func:`warm_marker`)."""
-    app = getattr(sender, "app", None) or current_app
+    Python's import lock makes the two wait for each other on a module, never import it twice). A worker that
+    consumes the gpu queue also loads its models (segmenter, OmniCT engine) into the process's resources, as its
+    first segment / infer task would (``WorkerResources.get_or_create``: loaded once, a task that needs one meanwhile
+    waits for it). When done, the process marks itself warm (:func:`warm_marker`)."""
+    # the app itself, not the proxy: Celery's current app is per thread, and the preload runs in its own
+    app = getattr(sender, "app", None) or current_app._get_current_object()
     settings = getattr(app, "omnict_settings", None)
 
     def preload() -> None:
         import_stage_dependencies()
+        if settings is not None and GPU_QUEUE in getattr(app, "omnict_queues", ()):
+            load_models(worker_resources(app))
         freeze_long_lived_objects()  # the modules just imported live as long as the process
         if settings is not None:
             marker = warm_marker(settings.data_dir, os.getpid())
@@ -84,13 +90,33 @@ def import_stage_dependencies() -> None:
         log_event(log, "worker.preload_failed", logging.WARNING, module="highdicom", error=type(exc).__name__)
 
 
+def load_models(resources: WorkerResources) -> None:
+    """The gpu-queue models of this process, loaded now rather than by the first study's tasks. A model that cannot
+    be loaded (no checkpoint at the configured path, say) is logged here and fails its stage, with the reason, when
+    a study needs it."""
+    from workers.stages.infer import engine_for
+    from workers.stages.segment import segmenter_for
+
+    for name, load in (("segmenter", segmenter_for), ("omnict_engine", engine_for)):
+        try:
+            load(resources)
+        except Exception as exc:  # noqa: BLE001 - reported again by the stage that needs the model
+            log_event(log, "worker.model_preload_failed", logging.WARNING, model=name, error=type(exc).__name__)
+        else:
+            log_event(log, "worker.model_loaded", model=name)
+
+
+_RESOURCES_LOCK = threading.Lock()
+
+
 def worker_resources(app) -> WorkerResources:
     """The process's resources, created on first use and kept warm (models stay loaded between tasks)."""
-    resources = getattr(app, "omnict_resources", None)
-    if resources is None:
-        resources = WorkerResources.from_settings(app.omnict_settings)
-        app.omnict_resources = resources
-    return resources
+    with _RESOURCES_LOCK:  # the preload thread and the first task may both ask
+        resources = getattr(app, "omnict_resources", None)
+        if resources is None:
+            resources = WorkerResources.from_settings(app.omnict_settings)
+            app.omnict_resources = resources
+        return resources
 
 
 @shared_task(bind=True, name=RUN_STAGE, acks_late=True, reject_on_worker_lost=True, max_retries=None)

@@ -180,6 +180,24 @@ def test_measurements_volume_and_hu_statistics() -> None:
         measure_organs(label_map, hu[:2], (1, 1, 1), {10: "x"})
 
 
+def test_measurements_in_slabs_equal_whole_volume_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sums over slabs of planes (a last partial slab, labels absent from a slab, a label not asked for, a label
+    value above the largest asked) give each organ's count, mean and std of the whole volume."""
+    from omnict_core.segmentation import measurements
+
+    rng = np.random.default_rng(0)
+    label_map = rng.choice(np.array([0, 3, 7, 200], np.uint8), size=(7, 6, 5), p=[0.4, 0.3, 0.2, 0.1])
+    label_map[:3][label_map[:3] == 7] = 0  # label 7 only in later slabs
+    hu = rng.normal(0.0, 300.0, size=label_map.shape).astype(np.float32)
+    monkeypatch.setattr(measurements, "SLAB_VOXELS", 2 * 6 * 5)  # 2 planes a slab: 4 slabs, the last of 1 plane
+    organs = measure_organs(label_map, hu, (1.0, 1.0, 1.0), {3: "liver", 7: "spleen"}, add_combined=False)
+    for value, name in ((3, "liver"), (7, "spleen")):
+        inside = hu[label_map == value].astype(np.float64)
+        assert organs[name].voxels == inside.size
+        assert organs[name].hu_mean == pytest.approx(round(inside.mean(), 2), abs=0.011)
+        assert organs[name].hu_std == pytest.approx(round(inside.std(), 2), abs=0.011)
+
+
 @pytest.mark.parametrize("hu, spacing, codes, message", [
     (np.zeros((10, 10)), (1, 1, 1), ("S", "P", "L"), "3-D"),
     (np.zeros((4, 10, 10)), (0, 1, 1), ("S", "P", "L"), "spacing"),

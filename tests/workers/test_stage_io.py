@@ -121,3 +121,59 @@ def test_worker_marks_itself_warm_after_preloading(tmp_path: Path) -> None:
     assert {"reports", "dicom_node.delivery", "api.worklist"} <= set(sys.modules)
     remove_warm_marker()
     assert not marker.exists()
+
+
+def _preloaded_worker(settings, queues: tuple[str, ...]):
+    """The current app as in a worker process consuming ``queues``, preloaded until its warm marker appears."""
+    from workers.celery_app import make_celery
+    from workers.tasks import start_preloading, warm_marker, worker_resources
+
+    app = make_celery(settings)
+    app.omnict_queues = queues
+    marker = warm_marker(settings.data_dir, __import__("os").getpid())
+    start_preloading()
+    deadline = time.monotonic() + 180
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists()
+    return worker_resources(app)
+
+
+def test_gpu_worker_loads_its_models_before_marking_itself_warm(tmp_path: Path) -> None:
+    """A gpu-queue worker has the segmenter and the OmniCT engine loaded when it is warm; the stages then use those
+    same objects (one load per process), not new ones."""
+    from workers.stages.infer import engine_for
+    from workers.stages.segment import segmenter_for
+    from workers.tasks import remove_warm_marker
+
+    settings = load_settings(data_dir=str(tmp_path / "node"))
+    resources = _preloaded_worker(settings, ("cpu", "gpu"))
+    try:
+        loaded = dict(resources.cache)
+        assert "segmenter" in loaded and any(key.startswith("engine:") for key in loaded), sorted(loaded)
+        engine = next(v for k, v in loaded.items() if k.startswith("engine:"))
+        assert engine_for(resources) is engine and segmenter_for(resources) is loaded["segmenter"]
+    finally:
+        remove_warm_marker()
+
+
+def test_cpu_worker_loads_no_model_and_a_missing_checkpoint_is_logged_not_fatal(tmp_path: Path, caplog) -> None:
+    from workers.pipeline import PermanentStageError
+    from workers.stages.infer import engine_for
+    from workers.tasks import load_models, remove_warm_marker
+
+    settings = load_settings(data_dir=str(tmp_path / "node"))
+    resources = _preloaded_worker(settings, ("cpu",))
+    remove_warm_marker()
+    assert resources.cache == {}
+
+    missing = tmp_path / "no-checkpoint"
+    settings = load_settings(data_dir=str(tmp_path / "node2"), model={"checkpoint": str(missing)})
+    resources = type(resources).from_settings(settings)
+    with caplog.at_level("WARNING", logger="omnict.tasks"):
+        load_models(resources)  # the segmenter loads; the engine's failure is logged
+    assert "segmenter" in resources.cache
+    assert any("worker.model_preload_failed" in r.getMessage() and "omnict_engine" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    with pytest.raises(PermanentStageError, match=str(missing)):  # the stage reports it, with the path
+        engine_for(resources)

@@ -18,7 +18,8 @@ from sqlalchemy import delete
 from db.models import Finding
 from db.session import session_scope
 from omnict_node.logs import log_event
-from workers.pipeline import PermanentStageError, StageContext
+from omnict_node.config import Settings
+from workers.pipeline import PermanentStageError, StageContext, WorkerResources
 from workers.protocol import judgment, load_protocol
 from workers.stages.assemble import load_assembled_volume
 from workers.stages.segment import load_label_map
@@ -34,19 +35,20 @@ def _answer_text(text: str) -> str:
     return text.strip() or NO_ANSWER
 
 
-def checkpoint_dir(context: StageContext) -> Path:
-    return Path(context.settings.model.checkpoint or SHIPPED_CHECKPOINT)
+def checkpoint_dir(settings: Settings) -> Path:
+    return Path(settings.model.checkpoint or SHIPPED_CHECKPOINT)
 
 
-def _engine(context: StageContext):
+def engine_for(resources: WorkerResources):
+    """The worker process's OmniCT engine, loaded on first use (or by the worker's preload) and kept warm."""
     from omnict_core.inference.engine import OmniCTEngine
 
-    path = checkpoint_dir(context)
+    path = checkpoint_dir(resources.settings)
     if not (path / "config.json").is_file():
         raise PermanentStageError(f"OmniCT checkpoint not found at {path} (model.checkpoint); weights are never "
                                   f"downloaded: put a checkpoint directory there")
-    model = context.settings.model
-    return context.resources.get_or_create(
+    model = resources.settings.model
+    return resources.get_or_create(
         f"engine:{path}", lambda: OmniCTEngine(path, device=model.device, max_new_tokens=model.max_new_tokens))
 
 
@@ -68,7 +70,7 @@ def infer(context: StageContext) -> dict:
     from reports.coding import FINDINGS
 
     protocol = load_protocol(context.settings.model.protocol)
-    engine = _engine(context)
+    engine = engine_for(context.resources)
     volume = load_assembled_volume(context)
     label_map, labels = load_label_map(context)
     study = prepare_volume(volume.hu, engine.config, labels=label_map, spacing=volume.spacing, label_names=labels)
@@ -98,8 +100,8 @@ def infer(context: StageContext) -> dict:
     positives = [r.question_id for r in rows if r.positive]
     log_event(log, "pipeline.infer.done", run_id=context.run_id, questions=len(battery), positive=len(positives))
     return {
-        "checkpoint": str(checkpoint_dir(context)),
-        "model_version": getattr(engine.config, "_name_or_path", "") or checkpoint_dir(context).name,
+        "checkpoint": str(checkpoint_dir(context.settings)),
+        "model_version": getattr(engine.config, "_name_or_path", "") or checkpoint_dir(context.settings).name,
         "protocol": protocol.version,
         "questions": len(battery),
         "positive": positives,

@@ -18,7 +18,7 @@ from sqlalchemy import delete
 from db.models import OrganMeasurement
 from db.session import session_scope
 from omnict_node.logs import log_event
-from workers.pipeline import StageContext
+from workers.pipeline import StageContext, WorkerResources
 from workers.stages.assemble import load_assembled_volume
 
 log = logging.getLogger("omnict.stage.segment")
@@ -27,11 +27,12 @@ LABELS_FILE = "labels.npy"
 LABEL_NAMES_FILE = "labels.json"
 
 
-def _segmenter(context: StageContext):
+def segmenter_for(resources: WorkerResources):
+    """The worker process's segmenter, created on first use (or by the worker's preload) and kept warm."""
     from omnict_core.segmentation import make_segmenter
 
-    model = context.settings.model
-    return context.resources.get_or_create(
+    model = resources.settings.model
+    return resources.get_or_create(
         "segmenter", lambda: make_segmenter(model.segmentation_backend, weights_dir=model.totalseg_weights,
                                             device=model.device))
 
@@ -46,7 +47,7 @@ def segment(context: StageContext) -> dict:
     from omnict_core.segmentation import axis_codes_from_direction, measure_organs
 
     volume = load_assembled_volume(context)
-    segmenter = _segmenter(context)
+    segmenter = segmenter_for(context.resources)
     result = segmenter.segment(volume.hu, volume.spacing, axis_codes_from_direction(volume.direction[:, ::-1]))
     for name, write in ((LABEL_NAMES_FILE, lambda fh: fh.write(
                             json.dumps({str(k): v for k, v in result.labels.items()}).encode())),
