@@ -495,17 +495,60 @@ def _pixels(info: InstanceInfo) -> np.ndarray:
     return arr if arr.ndim == 3 else arr[None]
 
 
+class _OutOfInt16(Exception):
+    """A slice's HU values do not fit int16 (decoded again as float32)."""
+
+
+def _decode_slices(slices: list, shape: tuple[int, int, int], dtype: Any,
+                   allocate: Callable[[tuple[int, int, int], Any], np.ndarray] | None) -> tuple[np.ndarray, int]:
+    """The sorted slices' HU values (raw * slope + intercept; PixelPaddingValue pixels -1024) in an array of
+    ``dtype`` (float32, or int16 for integer HU), and the number of slices with padding."""
+    vol = allocate(shape, dtype) if allocate is not None else np.empty(shape, dtype)
+    if vol.shape != shape or vol.dtype != dtype:
+        raise ValueError(f"allocate() gave {vol.dtype} {vol.shape}, needed {np.dtype(dtype)} {shape}")
+    integer = vol.dtype == np.int16
+    cache: dict[int, np.ndarray] = {}
+    padded = 0
+    for k, s in enumerate(slices):
+        key = id(s.info)
+        if key not in cache:
+            cache[key] = _pixels(s.info)
+        raw = cache[key][s.frame]
+        if raw.shape != shape[1:]:
+            raise InconsistentGeometryError(f"pixel data {raw.shape} does not match Rows/Columns {shape[1:]}")
+        if integer:
+            values = raw.astype(np.int32) + np.int32(s.geom.intercept)  # slope 1 (checked by the caller)
+            if values.size and (values.min() < -32768 or values.max() > 32767):
+                raise _OutOfInt16
+            vol[k] = values
+        else:
+            np.multiply(raw, np.float32(s.geom.slope), out=vol[k], casting="unsafe")
+            vol[k] += np.float32(s.geom.intercept)
+        if s.info.pixel_padding is not None:
+            pad = raw == s.info.pixel_padding
+            if pad.any():
+                vol[k][pad] = -1024
+                padded += 1
+        if not s.info.is_multiframe:
+            cache.pop(key, None)
+    return vol, padded
+
+
 def load_volume(items: Sequence[str | os.PathLike | Dataset | InstanceInfo], *, resample_gaps: bool = True,
                 spacing_tolerance: float = 0.1, orientation_tolerance: float = 1e-3, dtype: Any = np.float32,
-                allocate: Callable[[tuple[int, int, int]], np.ndarray] | None = None) -> CtVolume:
+                allocate: Callable[[tuple[int, int, int], Any], np.ndarray] | None = None,
+                integer_when_exact: bool = False) -> CtVolume:
     """Build the HU volume of ONE series.
 
     ``resample_gaps``: when slice spacing varies by more than ``spacing_tolerance`` (relative) -- missing slices,
     irregular reconstruction -- interpolate linearly onto a uniform grid at the median spacing so the affine is
     true everywhere (reported either way).  ``dtype``: float32 (default) or int16 (rounded HU).
-    ``allocate``: returns the float32 array ``(slices, rows, columns)`` the slices are decoded into (default a new
-    one), e.g. a memory-mapped .npy file, so that a caller who stores the volume does not copy it; the returned
-    ``hu`` is that array unless the slices were resampled or ``dtype`` is int16."""
+    ``allocate(shape, dtype)``: returns the array ``(slices, rows, columns)`` of ``dtype`` the slices are decoded
+    into (default a new one), e.g. a memory-mapped .npy file, so that a caller who stores the volume does not copy
+    it; the returned ``hu`` is that array unless the slices were resampled or ``dtype`` is int16.
+    ``integer_when_exact``: decode into int16 when every HU value is an integer within int16's range (RescaleSlope
+    1 and an integral RescaleIntercept on every slice, as nearly every CT: the same values in half the memory),
+    float32 otherwise; a slice found out of range restarts the decoding in float32."""
     if not items:
         raise NoImageError("no instances given")
     infos = [read_instance(i) for i in items]
@@ -565,28 +608,14 @@ def load_volume(items: Sequence[str | os.PathLike | Dataset | InstanceInfo], *, 
                    missing)
 
     # decode (multi-frame files once)
-    cache: dict[int, np.ndarray] = {}
-    nz, ny, nx = len(slices), infos[0].rows, infos[0].columns
-    vol = allocate((nz, ny, nx)) if allocate is not None else np.empty((nz, ny, nx), np.float32)
-    if vol.shape != (nz, ny, nx) or vol.dtype != np.float32:
-        raise ValueError(f"allocate() gave {vol.dtype} {vol.shape}, needed float32 {(nz, ny, nx)}")
-    padded = 0
-    for k, s in enumerate(slices):
-        key = id(s.info)
-        if key not in cache:
-            cache[key] = _pixels(s.info)
-        raw = cache[key][s.frame]
-        if raw.shape != (ny, nx):
-            raise InconsistentGeometryError(f"pixel data {raw.shape} does not match Rows/Columns {(ny, nx)}")
-        np.multiply(raw, np.float32(s.geom.slope), out=vol[k], casting="unsafe")
-        vol[k] += np.float32(s.geom.intercept)
-        if s.info.pixel_padding is not None:
-            pad = raw == s.info.pixel_padding
-            if pad.any():
-                vol[k][pad] = -1024.0
-                padded += 1
-        if not s.info.is_multiframe:
-            cache.pop(key, None)
+    shape = (len(slices), infos[0].rows, infos[0].columns)
+    as_int16 = integer_when_exact and all(
+        s.geom.slope == 1 and float(s.geom.intercept).is_integer() for s in slices)
+    try:
+        vol, padded = _decode_slices(slices, shape, np.int16 if as_int16 else np.float32, allocate)
+    except _OutOfInt16:
+        vol, padded = _decode_slices(slices, shape, np.float32, allocate)
+    nz = shape[0]
     if padded:
         report.add("padding", f"PixelPaddingValue pixels set to -1024 HU in {padded} slice(s)", padded)
 
@@ -628,7 +657,7 @@ def load_volume(items: Sequence[str | os.PathLike | Dataset | InstanceInfo], *, 
     affine[:3, 2] = step_vec
     affine[:3, 3] = origin
     uids = [s.info.sop_instance_uid for s in slices] if not report.resampled else []
-    if dtype == np.int16:
+    if dtype == np.int16 and vol.dtype != np.int16:
         vol = np.clip(np.round(vol), -32768, 32767).astype(np.int16)
     return CtVolume(hu=vol, spacing=(dz, dy, dx), origin=origin, direction=direction, affine=affine,
                     series_uid=infos[0].series_uid, study_uid=infos[0].study_uid,

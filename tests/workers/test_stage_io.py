@@ -61,20 +61,24 @@ def expected_hu(paths: list[Path]) -> np.ndarray:
                      for ds in datasets])
 
 
-@pytest.mark.parametrize(("name", "options", "offset_read"), [
-    ("explicit, 12 of 16 bits unsigned, garbage above", dict(stored=12), True),
-    ("implicit VR", dict(syntax=ImplicitVRLittleEndian), True),
-    ("signed 16 bits", dict(signed=True, intercept=0.0), True),
-    ("8 bits, slope 2", dict(bits=8, stored=8, slope=2.0, intercept=-100.0), True),
-    ("signed 12 of 16 bits: pydicom's sign correction", dict(signed=True, stored=12, intercept=0.0), False),
-    ("RLE compressed: pydicom decodes", dict(compress=True), False),
+@pytest.mark.parametrize("integer_when_exact", [False, True])
+@pytest.mark.parametrize(("name", "options", "offset_read", "integer"), [
+    ("explicit, 12 of 16 bits unsigned, garbage above", dict(stored=12), True, True),
+    ("implicit VR", dict(syntax=ImplicitVRLittleEndian), True, False),  # 16 bits unsigned - 1024: beyond int16
+    ("signed 16 bits", dict(signed=True, intercept=0.0), True, True),
+    ("8 bits, slope 2", dict(bits=8, stored=8, slope=2.0, intercept=-100.0), True, False),
+    ("signed 12 of 16 bits: pydicom's sign correction", dict(signed=True, stored=12, intercept=0.0), False, True),
+    ("RLE compressed: pydicom decodes", dict(compress=True), False, False),
 ])
-def test_volume_pixels_equal_pydicoms_decoding(tmp_path: Path, name: str, options: dict, offset_read: bool) -> None:
+def test_volume_pixels_equal_pydicoms_decoding(tmp_path: Path, name: str, options: dict, offset_read: bool,
+                                               integer: bool, integer_when_exact: bool) -> None:
+    """The same HU values whatever the encoding; int16 only when asked and every value is an integer in its range
+    (a 16-bit unsigned series minus 1024 reaches past 32767: decoded again as float32)."""
     paths = write_series(tmp_path / "ct", **options)
     infos = [read_instance(p) for p in paths]
     assert all((info.pixel_layout is not None) == offset_read for info in infos), name
-    volume = load_volume(infos)
-    assert volume.hu.dtype == np.float32
+    volume = load_volume(infos, integer_when_exact=integer_when_exact)
+    assert volume.hu.dtype == (np.int16 if integer and integer_when_exact else np.float32)
     np.testing.assert_array_equal(volume.hu, expected_hu(paths))
     assert volume.shape == (SLICES, ROWS, COLUMNS)
 
@@ -84,15 +88,18 @@ def test_volume_is_decoded_into_the_callers_array(tmp_path: Path) -> None:
     target = tmp_path / "volume.npy"
     mapped = []
 
-    def allocate(shape):
-        mapped.append(np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=shape))
+    def allocate(shape, dtype):
+        mapped.append(np.lib.format.open_memmap(target, mode="w+", dtype=dtype, shape=shape))
         return mapped[-1]
 
     volume = load_volume(paths, allocate=allocate)
-    assert volume.hu is mapped[0]
+    assert volume.hu is mapped[0] and volume.hu.dtype == np.float32
+    np.testing.assert_array_equal(np.load(target), expected_hu(paths))
+    volume = load_volume(paths, allocate=allocate, integer_when_exact=True)
+    assert volume.hu is mapped[1] and volume.hu.dtype == np.int16
     np.testing.assert_array_equal(np.load(target), expected_hu(paths))
     with pytest.raises(ValueError, match="float32"):
-        load_volume(paths, allocate=lambda shape: np.empty(shape, np.float64))
+        load_volume(paths, allocate=lambda shape, dtype: np.empty(shape, np.float64))
 
 
 def test_embedded_broker_hands_off_within_a_poll_of_50_ms(tmp_path: Path) -> None:
