@@ -84,8 +84,10 @@ class WorkerResources:
     settings: Settings
     session_factory: sessionmaker[Session]
     cache: dict[str, Any] = field(default_factory=dict)
-    # The worker's preload thread and a task may ask for the same model at once: one loads it, the other waits.
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The worker's preload thread and a task may ask for the same model at once: one loads it, the other waits
+    # (a lock per key: a task that needs the segmenter does not wait for the engine being loaded).
+    _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
+    _locks_guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "WorkerResources":
@@ -93,7 +95,9 @@ class WorkerResources:
 
     def get_or_create(self, key: str, factory: Callable[[], Any]) -> Any:
         """One instance per process (a model is loaded once and kept warm)."""
-        with self._lock:
+        with self._locks_guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
             if key not in self.cache:
                 self.cache[key] = factory()
                 freeze_long_lived_objects()
