@@ -37,6 +37,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
+from collections.abc import Callable
 from typing import Any
 
 import pynetdicom
@@ -46,11 +47,14 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+
+from omnict_node.logs import log_event
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.transport import RequestHandler
 
-LOGGER = logging.getLogger("pynetdicom")  # the patched copies log exactly where pynetdicom's originals did
+LOGGER = logging.getLogger("pynetdicom")
+_log = logging.getLogger("omnict.scp")  # the patched copies log exactly where pynetdicom's originals did
 SUPPORTED_PYNETDICOM = "3.0."
 MAX_CONTROL_PDU_BYTES = 4 << 20  # A-ASSOCIATE etc. are a few KiB; refuse absurd length fields
 IDLE_WAIT_S = 0.02  # longest a reactor sleeps without an event: bounds timer/kill latency, not throughput
@@ -490,6 +494,25 @@ def _send_store_rsp(assoc: Association, context_id: int, message_id: int, sop_cl
     return True
 
 
+_AFTER_RESPONSE = "omnict_after_response"
+
+
+def after_response(assoc: Association, work: Callable[[], None]) -> None:
+    """Run ``work`` once this C-STORE's response is sent (fast path), while the association waits for the
+    sender's next message: preparation for the next instance that should not delay this one's answer."""
+    assoc.__dict__[_AFTER_RESPONSE] = work
+
+
+def _run_after_response(assoc: Association) -> None:
+    work = assoc.__dict__.pop(_AFTER_RESPONSE, None)
+    if work is None:
+        return
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - only preparation: the next store does the work itself
+        log_event(_log, "scp.after_response_failed", logging.WARNING, error=type(exc).__name__)
+
+
 def _serve_store(assoc: Association, request: C_STORE, context_id: int) -> bool:
     """Serve a C-STORE-RQ assembled by :class:`_FastStoreReceiver`: trigger EVT_C_STORE, answer. False: leave it
     to pynetdicom's ``_serve_request`` (release under way, unknown context, extended negotiation in use).
@@ -516,6 +539,7 @@ def _serve_store(assoc: Association, request: C_STORE, context_id: int) -> bool:
     sop_class_uid, sop_instance_uid = str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
     if isinstance(status, int) and 0 <= status <= 0xFFFF and _send_store_rsp(
             assoc, context_id, request.MessageID, sop_class_uid, sop_instance_uid, status):
+        _run_after_response(assoc)
         return True
     response = C_STORE()  # a status Dataset (Error Comment...): pynetdicom's validation and encoding
     response.MessageIDBeingRespondedTo = request.MessageID

@@ -48,6 +48,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import fastpath
-from dicom_node.fastpath import UndecodableDataset, part10_header, scan_dataset
+from dicom_node.fastpath import UndecodableDataset, after_response, part10_header, scan_dataset
 from dicom_node.header import WANTED_TAGS, dataset_facts
 from dicom_node.reconcile import reconcile_storage
 from dicom_node.registrar import (
@@ -279,6 +280,7 @@ class StorageSCP:
         if server is not None:
             server.shutdown()
         self.registrar.stop()
+        self.store.close_spares()
         if server is not None:
             log_event(log, "scp.stopped", port=server.server_address[1])
 
@@ -468,6 +470,8 @@ class StorageSCP:
                       error=type(exc).__name__)
             raise Refusal(OUT_OF_RESOURCES_DB, "db_unavailable", "Out of resources: database unavailable",
                           False) from None
+        if stored.unsynced_dir is not None:  # the next instance of a series most likely goes to the same folder
+            after_response(event.assoc, partial(self.store.prepare_spare, stored.unsynced_dir))
         if stored.outcome is StoreOutcome.REPLACED:
             log_event(log, "scp.instance.replaced", sop_uid=uids["sop_instance"], study_uid=uids["study"],
                       superseded=stored.superseded_path)

@@ -64,6 +64,32 @@ def test_store_create_identical_replace(tmp_path):
     assert not list((tmp_path / "s").rglob(".tmp-*"))
 
 
+def test_spare_temporary_file_is_used_by_the_next_store_and_removed_at_close(tmp_path):
+    store = _store(tmp_path)
+    header = part10_header(CTImageStorage, "1.2.3", ExplicitVRLittleEndian, "A")
+    folder = tmp_path / "s" / "1.2" / "1.2.1"
+    store.prepare_spare(folder)  # a folder this store has not made: nothing
+    assert not folder.exists()
+    store.store("1.2", "1.2.1", "1.2.3", header, b"\x08\x00\x16\x00UI\x02\x001\x00")
+    store.prepare_spare(folder)
+    store.prepare_spare(folder)  # one spare per folder
+    spares = list(folder.glob(".tmp-*"))
+    assert len(spares) == 1 and spares[0].stat().st_size == 0
+    second = store.store("1.2", "1.2.1", "1.2.4", header, b"\x08\x00\x16\x00UI\x02\x002\x00")
+    assert not spares[0].exists()  # renamed into place as the new instance
+    assert (tmp_path / "s" / second.relative_path).read_bytes() == header + b"\x08\x00\x16\x00UI\x02\x002\x00"
+    store.prepare_spare(folder)
+    assert len(list(folder.glob(".tmp-*"))) == 1
+    store.close_spares()
+    assert not list(folder.glob(".tmp-*"))
+    # A spare left by a killed process is removed when a new process first stores into its folder.
+    store.prepare_spare(folder)
+    restarted = _store(tmp_path)
+    restarted.store("1.2", "1.2.1", "1.2.5", header, b"\x08\x00\x16\x00UI\x02\x003\x00")
+    assert not list(folder.glob(".tmp-*"))
+    assert sorted(p.name for p in folder.iterdir()) == ["1.2.3.dcm", "1.2.4.dcm", "1.2.5.dcm"]
+
+
 def test_store_refuses_invalid_uids_as_paths(tmp_path):
     store = _store(tmp_path)
     with pytest.raises(ValueError):
