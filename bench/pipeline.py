@@ -132,8 +132,8 @@ def main() -> None:
         stages = "  ".join(f"{name} {seconds:.2f} s" for name, seconds in result["stages"].items())
         print(f"run {index + 1}: last C-STORE response -> results in Orthanc {result['wall']:.2f} s; quiet period "
               f"(excluded) {result['quiet']:.2f} s; measured {result['total']:.2f} s | {stages}", flush=True)
-    # Medians of each run's own numbers: the median total minus the median segmentation and inference of other runs
-    # mixed runs (on a shared machine the model stages vary by seconds from run to run).
+    # Each run's ratio from its own numbers (the median total minus medians of segmentation and inference would mix
+    # runs: on a shared machine the model stages vary by seconds from run to run).
     for r in results:
         r["overhead"] = r["total"] - r["stages"].get("segment", 0.0) - r["stages"].get("infer", 0.0)
     total = statistics.median(r["total"] for r in results)

@@ -53,7 +53,6 @@ def ensure_schema(database_url: str) -> None:
     if database_url.startswith("sqlite"):
         upgrade(database_url)
         return
-    current, head = current_revision(database_url), head_revision()
-    if current != head:
-        raise RuntimeError(f"database schema is at {current or 'nothing'}, this node needs {head}: "
-                           f"run `omnict-node db upgrade`")
+    problem = schema_problem(database_url)
+    if problem:
+        raise RuntimeError(problem)

@@ -35,9 +35,9 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
-from collections.abc import Callable
 from typing import Any
 
 import pynetdicom
@@ -47,14 +47,14 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-
-from omnict_node.logs import log_event
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.transport import RequestHandler
 
-LOGGER = logging.getLogger("pynetdicom")
-_log = logging.getLogger("omnict.scp")  # the patched copies log exactly where pynetdicom's originals did
+from omnict_node.logs import log_event
+
+LOGGER = logging.getLogger("pynetdicom")  # the patched copies log exactly where pynetdicom's originals did
+_log = logging.getLogger("omnict.scp")
 SUPPORTED_PYNETDICOM = "3.0."
 MAX_CONTROL_PDU_BYTES = 4 << 20  # A-ASSOCIATE etc. are a few KiB; refuse absurd length fields
 IDLE_WAIT_S = 0.02  # longest a reactor sleeps without an event: bounds timer/kill latency, not throughput

@@ -130,7 +130,6 @@ class Registrar:
         try:
             outcomes = self._commit_records(records)
         except Exception as exc:  # noqa: BLE001 - any DB failure: isolate the bad record(s)
-            self._known_series.clear()  # the failed transaction may have created (now rolled back) rows
             if len(batch) == 1:
                 log_event(log, "scp.registration.failed", logging.ERROR, sop_uid=records[0].sop_instance_uid,
                           error=type(exc).__name__)
@@ -154,6 +153,7 @@ class Registrar:
         except BaseException:
             self._connection.close()
             self._connection = None
+            self._known_series.clear()  # the failed transaction may have created (now rolled back) rows
             raise
 
     def _commit_records(self, records: Sequence[InstanceRecord]) -> list[RegistrationOutcome]:

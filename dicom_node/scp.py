@@ -470,7 +470,7 @@ class StorageSCP:
                       error=type(exc).__name__)
             raise Refusal(OUT_OF_RESOURCES_DB, "db_unavailable", "Out of resources: database unavailable",
                           False) from None
-        if stored.unsynced_dir is not None:  # the next instance of a series most likely goes to the same folder
+        if self.fast_path and stored.unsynced_dir is not None:  # the next instance likely goes to the same folder
             after_response(event.assoc, partial(self.store.prepare_spare, stored.unsynced_dir))
         if stored.outcome is StoreOutcome.REPLACED:
             log_event(log, "scp.instance.replaced", sop_uid=uids["sop_instance"], study_uid=uids["study"],

@@ -66,11 +66,18 @@ class PreparedStudy:
 
     def organ_mask(self, label_ids: int | Iterable[int] | None) -> torch.Tensor | None:
         """bool (N_u, S, S): pixels of unit u whose label is one of ``label_ids`` in ANY of its 3 slices.
-        None when there is no label map or no label was asked for (the model then uses the whole grid)."""
-        if self.label_units is None or label_ids is None:
+        None when there is no label map or no label was asked for (the model then uses the whole grid).
+        Non-negative integer labels go through a lookup table (~3x cheaper than ``torch.isin`` on CPU, the same
+        mask; the engine asks it for every organ group of every battery)."""
+        labels = self.label_units
+        if labels is None or label_ids is None:
             return None
-        ids = torch.tensor([label_ids] if isinstance(label_ids, int) else list(label_ids), dtype=torch.int32)
-        return torch.isin(self.label_units, ids).any(dim=1)
+        ids = [label_ids] if isinstance(label_ids, int) else list(label_ids)
+        if labels.numel() == 0 or labels.is_floating_point() or int(labels.min()) < 0:
+            return torch.isin(labels, torch.tensor(ids, dtype=torch.int32)).any(dim=1)
+        table = torch.zeros(int(labels.max()) + 1, dtype=torch.bool, device=labels.device)
+        table[[i for i in ids if 0 <= i < table.shape[0]]] = True
+        return table[labels].any(dim=1)
 
     def organ_label_ids(self, organ: str | Sequence[str] | None) -> list[int] | None:
         """Label ids whose name matches ``organ``: the exact name, else every name starting with it ('kidney' ->

@@ -15,7 +15,7 @@ from reports.inputs import AlgorithmInfo, OrganMeasurement, RunIdentity, SourceS
 from reports.kos import build_key_object_selection, key_images_of_answers, key_object_description
 from reports.measurement_sr import build_measurement_report
 from reports.narrative import TEMPLATE_NAME, build_narrative_report, render_narrative
-from reports.seg import SegmentationResult, build_segmentation, slice_areas
+from reports.seg import SegmentationResult, build_segmentation
 from reports.vqa_sr import build_findings_report
 
 
@@ -58,9 +58,9 @@ def build_result_objects(
     """SEG + measurement SR (by ``segmentation_algorithm``, default ``algorithm``), findings SR, narrative SR and
     KOS (by ``algorithm``), all in the source study, each in its own series, UIDs derived from ``run``."""
     seg_algorithm = segmentation_algorithm or algorithm
-    areas = slice_areas(label_map)  # one pass over the volume, shared by the SEG and the measurement report
-    segmentation = build_segmentation(source, label_map, organs, seg_algorithm, run, areas)
-    measurement_report = build_measurement_report(source, segmentation, organs, seg_algorithm, run, label_map, areas)
+    segmentation = build_segmentation(source, label_map, organs, seg_algorithm, run)
+    measurement_report = build_measurement_report(source, segmentation, organs, seg_algorithm, run, label_map,
+                                                  segmentation.areas)  # one pass over the volume for both
     findings = build_findings_report(source, answers, algorithm, run) if answers else None
     text = render_narrative(organs, answers, algorithm, narrative_template)
     narrative = build_narrative_report(source, text, algorithm, run)

@@ -33,6 +33,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 
 _ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
+CONTENT_SEQUENCE = 0x0040A730  # (0040,A730), set as a plain or raw element where highdicom's property refuses it
 
 
 def encode_explicit_le(dataset: Dataset, parent_encoding: str | list[str] = default_encoding) -> bytes:

@@ -12,7 +12,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from reports import coding
 from reports.algorithm import device_observer_context
-from reports.encoded import EncodedItems, declare_explicit_little_endian
+from reports.encoded import CONTENT_SEQUENCE, EncodedItems, declare_explicit_little_endian
 from reports.inputs import AlgorithmInfo, ReportInputError, RunIdentity, SourceSeries, VqaAnswer, resolve_key_images
 from reports.series import new_series_arguments, stamp_node_identity
 from reports.uids import ObjectKind
@@ -30,14 +30,13 @@ def _image_reference(key: tuple[str, str]) -> ImageContentItem:
 
 
 _SOURCE = CodedConcept(value="260753009", scheme_designator="SCT", meaning="Source")
-_CONTENT_SEQUENCE = 0x0040A730
 
 
 def _insert_after_first_image(kos: KeyObjectSelectionDocument, items: list[Dataset]) -> None:
     children = list(kos.ContentSequence)
     position = next(i for i, child in enumerate(children) if child.ValueType == "IMAGE") + 1
     # plain pydicom Sequence: highdicom's ContentSequence accepts its own item classes only
-    kos[_CONTENT_SEQUENCE] = DataElement(_CONTENT_SEQUENCE, "SQ",
+    kos[CONTENT_SEQUENCE] = DataElement(CONTENT_SEQUENCE, "SQ",
                                          DicomSequence([*children[:position], *items, *children[position:]]))
 
 

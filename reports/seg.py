@@ -19,10 +19,12 @@ SEGMENTATION_KIND = ObjectKind.SEGMENTATION
 
 @dataclass(frozen=True)
 class SegmentationResult:
-    """The SEG dataset and which Segment Number (0062,0004) each organ label name received."""
+    """The SEG dataset, which Segment Number (0062,0004) each organ label name received, and the label map's
+    per-slice label counts (:func:`slice_areas`, reused by the measurement report)."""
 
     dataset: hd.seg.Segmentation
     segment_numbers: Mapping[str, int]
+    areas: np.ndarray
 
 
 def segment_description(
@@ -104,18 +106,16 @@ def build_segmentation(
     organs: Sequence[OrganMeasurement],
     algorithm: AlgorithmInfo,
     run: RunIdentity,
-    areas: np.ndarray | None = None,
 ) -> SegmentationResult:
     """Build the SEG: Segmentation Type (0062,0001) BINARY over the source images (Referenced Series / Derivation
     Image / Source Image Sequences point at them), one segment per organ in ``organs`` order, empty frames
     omitted, patient and study copied from the source, a new series of its own (series number 7001).
 
     ``label_map``: integer array ``(n_slices, Rows, Columns)`` in ``source`` order (see SourceSeries).
-    ``areas``: :func:`slice_areas` of ``label_map`` when already computed.
     """
     run.check_source(source)
     _check_inputs(source, label_map, organs)
-    areas = slice_areas(label_map) if areas is None else areas
+    areas = slice_areas(label_map)  # after the input checks: a bad label map gets its ReportInputError
     _check_not_empty(organs, areas)
     descriptions = [segment_description(n, organ, algorithm, run) for n, organ in enumerate(organs, start=1)]
     seg = hd.seg.Segmentation(
@@ -135,4 +135,4 @@ def build_segmentation(
     stamp_node_identity(seg, source, SEGMENTATION_KIND, run, algorithm)
     _pin_dimension_organization_uid(seg, run)
     declare_explicit_little_endian(seg)  # 832 per-frame items on a 300-slice study: skip pydicom's VR correction walk
-    return SegmentationResult(seg, {o.label_name: n for n, o in enumerate(organs, start=1)})
+    return SegmentationResult(seg, {o.label_name: n for n, o in enumerate(organs, start=1)}, areas)

@@ -52,7 +52,6 @@ from highdicom.sr import (
     TextContentItem,
 )
 from highdicom.sr.templates import DEFAULT_LANGUAGE  # en-US (RFC5646), as the narrative and measurement SRs
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
@@ -60,7 +59,8 @@ from pydicom.sr.coding import Code
 
 from reports import coding
 from reports.algorithm import algorithm_identification_items, observation_context
-from reports.encoded import EncodedItems, declare_explicit_little_endian, encode_item, raw_sequence
+from reports.encoded import (CONTENT_SEQUENCE, EncodedItems, declare_explicit_little_endian, encode_item,
+                             raw_sequence)
 from reports.inputs import AlgorithmInfo, ReportInputError, RunIdentity, SourceSeries, VqaAnswer, resolve_key_images
 from reports.series import new_series_arguments, stamp_node_identity
 from reports.uids import ObjectKind
@@ -75,7 +75,6 @@ _PRESENCE_VALUES = {code.value for code in codes.cid240.concepts.values()}  # Pr
 _CONTAINS = RelationshipTypeValues.CONTAINS
 _CONCEPT_MOD = RelationshipTypeValues.HAS_CONCEPT_MOD
 _INFERRED_FROM = RelationshipTypeValues.INFERRED_FROM
-_CONTENT_SEQUENCE = 0x0040A730
 
 
 def is_presence(code: Code | None) -> bool:
@@ -118,18 +117,11 @@ class KeyImageItems:
     def _keys(source: SourceSeries, answer: VqaAnswer) -> list[tuple[str, str]]:
         return [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in resolve_key_images(source, answer.key_images)]
 
-    def items(self, source: SourceSeries, answer: VqaAnswer) -> list[Dataset]:
-        return [self._items.item(key) for key in self._keys(source, answer)]
-
     def encoded(self, source: SourceSeries, answer: VqaAnswer) -> list[bytes]:
+        """INFERRED FROM IMAGE (121080, DCM, "Best illustration of finding") per key image of the answer (TID 2001
+        row 1): Referenced SOP Sequence (0008,1199) = the source slice's SOP Class / Instance UID, in series
+        order; each the encoded item highdicom's ImageContentItem writes."""
         return [self._items.encoded(key) for key in self._keys(source, answer)]
-
-
-def key_image_items(source: SourceSeries, answer: VqaAnswer, cache: KeyImageItems | None = None) -> list[Dataset]:
-    """INFERRED FROM IMAGE (121080, DCM, "Best illustration of finding") per key image of the answer (TID 2001
-    row 1): Referenced SOP Sequence (0008,1199) = the source slice's SOP Class / Instance UID, in series order.
-    Encoded items (:class:`KeyImageItems`): read like any dataset, written as highdicom's ImageContentItem."""
-    return (cache or KeyImageItems()).items(source, answer)
 
 
 class _DeferredChildren:
@@ -153,8 +145,8 @@ class _DeferredChildren:
     def attach(self, character_set: str | list[str]) -> None:
         for item, images in self.pending:
             children = list(item.ContentSequence) if "ContentSequence" in item else []
-            item[_CONTENT_SEQUENCE] = raw_sequence(
-                _CONTENT_SEQUENCE, [*(encode_item(child, character_set) for child in children), *images])
+            item[CONTENT_SEQUENCE] = raw_sequence(
+                CONTENT_SEQUENCE, [*(encode_item(child, character_set) for child in children), *images])
         self.pending = []
 
 
@@ -175,8 +167,7 @@ def question_item(answer: VqaAnswer) -> TextContentItem:
     return TextContentItem(coding.QUESTION, answer.question, relationship_type=_CONTAINS)
 
 
-def answer_text_item(source: SourceSeries, answer: VqaAnswer, images: KeyImageItems | None = None,
-                     deferred: _DeferredChildren | None = None) -> TextContentItem:
+def answer_text_item(answer: VqaAnswer, key_images: list[bytes], deferred: _DeferredChildren) -> TextContentItem:
     """CONTAINS TEXT Finding (121071, DCM) = the model's answer, verbatim (TID 2002 row 3), with HAS CONCEPT MOD
     Priority (260870009, SCT) = the urgency, and INFERRED FROM the key images (TID 2002 row 4). Without a coded
     finding, the presence (a bare Present/Absent coded answer) and the finding site modify this item instead."""
@@ -191,12 +182,12 @@ def answer_text_item(source: SourceSeries, answer: VqaAnswer, images: KeyImageIt
         if site is not None:
             children.append(site)
     item.ContentSequence = DicomSequence(children)
-    _add_key_images(item, source, answer, images, deferred)
+    deferred.add(item, key_images)
     return item
 
 
-def coded_finding_item(source: SourceSeries, answer: VqaAnswer, images: KeyImageItems | None = None,
-                       deferred: _DeferredChildren | None = None) -> CodeContentItem | None:
+def coded_finding_item(answer: VqaAnswer, key_images: list[bytes],
+                       deferred: _DeferredChildren) -> CodeContentItem | None:
     """CONTAINS CODE (TID 2002 row 1) of :func:`coded_finding_of`, e.g. Pleural effusion (60046008, SCT) = Present
     (52101004, SCT), with HAS CONCEPT MOD Finding Site (363698007, SCT) and INFERRED FROM the key images (TID 2002
     row 2); None when nothing is coded."""
@@ -211,33 +202,24 @@ def coded_finding_item(source: SourceSeries, answer: VqaAnswer, images: KeyImage
         children.append(site)
     if children:
         item.ContentSequence = DicomSequence(children)
-    _add_key_images(item, source, answer, images, deferred)
+    deferred.add(item, key_images)
     return item
 
 
-def _add_key_images(item: Dataset, source: SourceSeries, answer: VqaAnswer, images: KeyImageItems | None,
-                    deferred: _DeferredChildren | None) -> None:
-    images = images or KeyImageItems()
-    if deferred is not None:
-        deferred.add(item, images.encoded(source, answer))
-        return
-    children = [*(item.ContentSequence if "ContentSequence" in item else ()), *images.items(source, answer)]
-    if children:  # plain pydicom Sequence: highdicom's ContentSequence accepts its own item classes only
-        item[_CONTENT_SEQUENCE] = DataElement(_CONTENT_SEQUENCE, "SQ", DicomSequence(children))
-
-
-def answer_items(source: SourceSeries, answer: VqaAnswer, images: KeyImageItems | None = None,
-                 deferred: _DeferredChildren | None = None) -> list[Dataset]:
-    """The TID 2002 items of one answer, in reading order: question, answer text, coded finding (if any)."""
-    items: list[Dataset] = [question_item(answer), answer_text_item(source, answer, images, deferred)]
-    coded = coded_finding_item(source, answer, images, deferred)
+def answer_items(source: SourceSeries, answer: VqaAnswer, images: KeyImageItems,
+                 deferred: _DeferredChildren) -> list[Dataset]:
+    """The TID 2002 items of one answer, in reading order: question, answer text, coded finding (if any); the key
+    images of the answer below the answer text and the coded finding (attached by ``deferred``)."""
+    key_images = images.encoded(source, answer)
+    items: list[Dataset] = [question_item(answer), answer_text_item(answer, key_images, deferred)]
+    coded = coded_finding_item(answer, key_images, deferred)
     if coded is not None:
         items.append(coded)
     return items
 
 
 def findings_section(source: SourceSeries, answers: Sequence[VqaAnswer],
-                     deferred: _DeferredChildren | None = None) -> ContainerContentItem:
+                     deferred: _DeferredChildren) -> ContainerContentItem:
     """CONTAINS CONTAINER Findings (59776-5, LN) (TID 2000 row 8, CID 7001), continuity SEPARATE, holding the items
     of :func:`answer_items` for every answer."""
     section = ContainerContentItem(coding.FINDINGS_SECTION, is_content_continuous=False, relationship_type=_CONTAINS)
@@ -248,7 +230,7 @@ def findings_section(source: SourceSeries, answers: Sequence[VqaAnswer],
 
 
 def findings_content(source: SourceSeries, answers: Sequence[VqaAnswer], algorithm: AlgorithmInfo,
-                     deferred: _DeferredChildren | None = None) -> Dataset:
+                     deferred: _DeferredChildren) -> Dataset:
     """The TID 2000 root: CONTAINER Diagnostic Imaging Report (18748-4, LN), continuity SEPARATE, Content Template
     Sequence (0040,A504) = DCMR 2000, with Procedure Reported (121058, DCM) = CT unspecified body region (25045-6,
     LN), Language (TID 1204), the algorithm as device observer (TID 1001/1002/1004), Algorithm Identification

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from celery import current_app, shared_task
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
 from omnict_node.logs import log_event
 from workers.celery_app import GPU_QUEUE
@@ -30,22 +30,23 @@ STAGE_DEPENDENCIES = ("omnict_core.io.dicom_series", "reports", "api.worklist", 
 HIGHDICOM_TABLES = ("get_iod_module_map", "get_module_attribute_map")
 
 
-@worker_ready.connect  # solo pool: the worker's own process runs the tasks
-@worker_process_init.connect  # prefork pool: every child process
+@worker_process_init.connect  # every process that runs tasks (the solo pool's own process sends it too)
 def start_preloading(sender=None, **_) -> None:
     """Preload in the background: a task that arrives meanwhile is not held up (it imports what it needs itself;
     Python's import lock makes the two wait for each other on a module, never import it twice). A worker that
     consumes the gpu queue also loads its models (segmenter, OmniCT engine) into the process's resources, as its
     first segment / infer task would (``WorkerResources.get_or_create``: loaded once, a task that needs one meanwhile
     waits for it). When done, the process marks itself warm (:func:`warm_marker`)."""
-    # the app itself, not the proxy: Celery's current app is per thread, and the preload runs in its own
-    app = getattr(sender, "app", None) or current_app._get_current_object()
+    app = getattr(sender, "app", None) or current_app
     settings = getattr(app, "omnict_settings", None)
+    # Read here, in the worker's own thread (Celery's current app is per thread); the resources the tasks will use.
+    models_to = worker_resources(app) if settings is not None and GPU_QUEUE in getattr(app, "omnict_queues", ()) \
+        else None
 
     def preload() -> None:
         import_stage_dependencies()
-        if settings is not None and GPU_QUEUE in getattr(app, "omnict_queues", ()):
-            load_models(worker_resources(app))
+        if models_to is not None:
+            load_models(models_to)
         freeze_long_lived_objects()  # the modules just imported live as long as the process
         if settings is not None:
             marker = warm_marker(settings.data_dir, os.getpid())
@@ -106,17 +107,13 @@ def load_models(resources: WorkerResources) -> None:
             log_event(log, "worker.model_loaded", model=name)
 
 
-_RESOURCES_LOCK = threading.Lock()
-
-
 def worker_resources(app) -> WorkerResources:
     """The process's resources, created on first use and kept warm (models stay loaded between tasks)."""
-    with _RESOURCES_LOCK:  # the preload thread and the first task may both ask
-        resources = getattr(app, "omnict_resources", None)
-        if resources is None:
-            resources = WorkerResources.from_settings(app.omnict_settings)
-            app.omnict_resources = resources
-        return resources
+    resources = getattr(app, "omnict_resources", None)
+    if resources is None:
+        resources = WorkerResources.from_settings(app.omnict_settings)
+        app.omnict_resources = resources
+    return resources
 
 
 @shared_task(bind=True, name=RUN_STAGE, acks_late=True, reject_on_worker_lost=True, max_retries=None)

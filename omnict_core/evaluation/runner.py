@@ -103,9 +103,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "bench", 
     model, tokenizer = load_omnict(model_dir)
     model.eval()
     samples = read_jsonl(Path(data_dir) / f"{split}.jsonl")
-    if tasks:
-        samples = [s for s in samples if s["task_type"] in set(tasks)]
-    samples = select_samples(samples, where)
+    samples = select_samples(samples, {"task_type": tasks or (), **(where or {})})
     dataset = PhantomVQADataset(data_dir, split=split, max_samples=limit, samples=samples)
     all_indices = list(range(len(dataset)))
     closed = [i for i in all_indices if dataset.samples[i]["task_type"] in CLOSED_TASKS]

@@ -40,7 +40,7 @@ class OrganMeasurement:
 
 def measure_organs(label_map: np.ndarray, hu: np.ndarray, spacing_zyx_mm: Sequence[float],
                    labels: Mapping[int, str], *, add_combined: bool = True) -> dict[str, OrganMeasurement]:
-    """Volume and HU mean/std of every labelled organ (one pass over the volume with ``ndimage`` label sums)."""
+    """Volume and HU mean/std of every labelled organ (label sums over slabs of the volume, :func:`_label_sums`)."""
     if label_map.shape != hu.shape:
         raise ValueError(f"label map {label_map.shape} and HU volume {hu.shape} are not aligned")
     voxel_ml = float(np.prod([float(s) for s in spacing_zyx_mm])) / 1000.0
@@ -82,7 +82,7 @@ def _label_sums(label_map: np.ndarray, hu: np.ndarray, values: np.ndarray
     step = max(1, SLAB_VOXELS // plane)
     for z in range(0, label_map.shape[0], step):
         labels = np.asarray(label_map[z:z + step]).ravel()
-        if labels.size and labels.min() < 0:
+        if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
             raise ValueError("label maps hold non-negative label values")
         h = np.asarray(hu[z:z + step], dtype=np.float64).ravel()
         counts += np.bincount(labels, minlength=size)[:size]

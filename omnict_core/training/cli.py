@@ -88,6 +88,7 @@ def _train_stage0(data_dir: Path, out_dir: Path, preset: str, overrides: dict, s
                   lr: float | None, warmup_ratio: float, weight_decay: float, seed: int, bf16: bool,
                   threads: int | None, max_samples: int | None, init_from: Path | None) -> None:
     """``--stage 0``: vision-tower pretraining (omnict_core.training.vision_pretrain); --batch-size counts images."""
+    from omnict_core.training.trainer import count_parameters
     from omnict_core.training.vision_pretrain import VisionPretrainConfig, VisionPretrainer
 
     if init_from is not None:
@@ -98,8 +99,8 @@ def _train_stage0(data_dir: Path, out_dir: Path, preset: str, overrides: dict, s
                                weight_decay=weight_decay, seed=seed, bf16=bf16, num_threads=threads,
                                max_samples=max_samples)
     trainer = VisionPretrainer(cfg)
-    tower = sum(p.numel() for p in trainer.model.vision_tower.parameters())
-    heads = sum(p.numel() for p in trainer.heads.parameters())
+    tower = count_parameters(trainer.model.vision_tower)[0]
+    heads = count_parameters(trainer.heads)[0]
     click.echo(f"stage 0: vision tower {tower / 1e6:.2f}M parameters (+ {heads / 1e6:.2f}M training-only heads), "
                f"{len(trainer.images)} training images, {len(trainer.vocab.keys)} closed question keys, "
                f"{steps} steps x {batch_size} images, peak lr {cfg.lr:g}")

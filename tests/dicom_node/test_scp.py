@@ -136,8 +136,8 @@ def test_storescu_series_lands_on_disk_and_in_the_database(scp, settings, sessio
     # created after the last answer for a next instance (InstanceStore.prepare_spare; removed when the SCP stops).
     leftovers = list(Path(settings.storage.root).rglob(".tmp-*"))
     assert len(leftovers) == 1 and leftovers[0].stat().st_size == 0, leftovers
-    assert leftovers[0].parent == stored_path(settings, dcmread(paths[0])).parent
     first = dcmread(paths[0])
+    assert leftovers[0].parent == stored_path(settings, first).parent
     with session_factory() as session:
         study = session.scalar(select(Study))
         series = session.scalar(select(Series))

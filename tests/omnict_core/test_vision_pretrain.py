@@ -64,6 +64,7 @@ def test_question_vocab_uses_answer_content_and_skips_reports(vqa_dir):
     assert valid.shape == (len(vocab.keys), vocab.max_classes)
     assert valid.sum(1).tolist() == [len(c) for c in vocab.classes]
     by_image = questions_by_image(samples, vocab)
+    assert by_image and judgment["image"] in by_image
     assert set(by_image) <= {s["image"] for s in samples}
     assert sum(len(q) for q in by_image.values()) <= sum(1 for s in samples if vocab.target(s))
 
@@ -136,3 +137,10 @@ def test_cli_stage0_then_stage1_from_it(vqa_dir, tmp_path):
                                "--threads", "1", "--max-samples", "20", "--vision-frozen"])
     assert s1.exit_code == 0, s1.output
     assert (tmp_path / "s1" / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    tower0, tower1 = (
+        {k: v for k, v in load_file(tmp_path / stage / "model.safetensors").items() if k.startswith("vision_tower.")}
+        for stage in ("s0", "s1"))
+    assert tower0 and tower0.keys() == tower1.keys()  # stage 1 starts from stage 0's tower and keeps it frozen
+    assert all(torch.equal(tower0[k], tower1[k]) for k in tower0)

@@ -21,7 +21,8 @@ from reports import AlgorithmInfo, RunIdentity, VqaAnswer, build_result_objects,
 from reports.algorithm import device_observer_context
 from reports.encoded import EncodedItems, declare_explicit_little_endian, encode_explicit_le
 from reports.kos import key_images_of_answers, key_object_description
-from reports.vqa_sr import BEST_ILLUSTRATION_OF_FINDING
+from reports.inputs import resolve_key_images
+from reports.vqa_sr import BEST_ILLUSTRATION_OF_FINDING, coded_finding_of
 from tests.reports import dicom_tools
 from tests.reports.synthetic_ct import SLICES, SyntheticCt, build_synthetic_ct
 
@@ -92,6 +93,11 @@ def test_key_image_items_are_highdicoms_items(ct: SyntheticCt, written: dict[str
     # first answer: every slice, twice (answer text and coded finding); second: 5, once (no coded finding);
     # third: 3 distinct slices, twice
     assert len(images) == 2 * SLICES + 5 + 2 * 3
+    expected_uids = []  # per answer, in document order: below the answer text, then below the coded finding
+    for answer in many_key_image_answers(ct):
+        uids = [str(ds.SOPInstanceUID) for ds in resolve_key_images(ct.source, answer.key_images)]
+        expected_uids += uids * (2 if coded_finding_of(answer) is not None else 1)
+    assert [str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for item in images] == expected_uids
     for item in images:
         reference = item.ReferencedSOPSequence[0]
         expected = ImageContentItem(BEST_ILLUSTRATION_OF_FINDING, reference.ReferencedSOPClassUID,

@@ -111,25 +111,6 @@ def test_embedded_broker_hands_off_within_a_poll_of_50_ms(tmp_path: Path) -> Non
         assert connection.transport.polling_interval == FILESYSTEM_POLLING_INTERVAL_S
 
 
-def test_worker_marks_itself_warm_after_preloading(tmp_path: Path) -> None:
-    from workers.celery_app import make_celery
-    from workers.tasks import remove_warm_marker, start_preloading, warm_marker
-
-    settings = load_settings(data_dir=str(tmp_path / "node"))
-    make_celery(settings)  # the current app, as in a worker process
-    marker = warm_marker(settings.data_dir, __import__("os").getpid())
-    start_preloading()
-    deadline = time.monotonic() + 120
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert marker.exists()
-    import sys
-
-    assert {"reports", "dicom_node.delivery", "api.worklist"} <= set(sys.modules)
-    remove_warm_marker()
-    assert not marker.exists()
-
-
 def _preloaded_worker(settings, queues: tuple[str, ...]):
     """The current app as in a worker process consuming ``queues``, preloaded until its warm marker appears."""
     from workers.celery_app import make_celery
@@ -144,6 +125,19 @@ def _preloaded_worker(settings, queues: tuple[str, ...]):
         time.sleep(0.05)
     assert marker.exists()
     return worker_resources(app)
+
+
+def test_worker_marks_itself_warm_after_preloading(tmp_path: Path) -> None:
+    from workers.tasks import remove_warm_marker, warm_marker
+
+    settings = load_settings(data_dir=str(tmp_path / "node"))
+    _preloaded_worker(settings, ())  # asserts the warm marker appears
+    marker = warm_marker(settings.data_dir, __import__("os").getpid())
+    import sys
+
+    assert {"reports", "dicom_node.delivery", "api.worklist"} <= set(sys.modules)
+    remove_warm_marker()
+    assert not marker.exists()
 
 
 def test_gpu_worker_loads_its_models_before_marking_itself_warm(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def load_assembled_volume(context: StageContext) -> AssembledVolume:
     return AssembledVolume(np.load(context.work_dir / VOLUME_FILE), spacing, affine, direction)
 
 
-def _replace_atomically(path: Path, write) -> None:
+def replace_atomically(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         write(fh)
@@ -91,7 +91,7 @@ def assemble(context: StageContext) -> dict:
     except DicomSeriesError as exc:
         raise PermanentStageError(f"cannot build a volume from series {choice.series_uid}: {exc}") from exc
 
-    _replace_atomically(context.work_dir / GEOMETRY_FILE, lambda fh: np.savez(
+    replace_atomically(context.work_dir / GEOMETRY_FILE, lambda fh: np.savez(
         fh, affine=volume.affine, direction=volume.direction, spacing=np.asarray(volume.spacing)))
     if mapped and volume.hu is mapped[0]:
         # No msync: a shared mapping writes into the page cache that every reader of the file reads (the np.save it
@@ -100,7 +100,7 @@ def assemble(context: StageContext) -> dict:
         tmp.replace(out)  # idempotent: a retried stage overwrites the same file
     else:  # resampled onto a new grid: the decoded slices were an intermediate
         mapped.clear()
-        _replace_atomically(out, lambda fh: np.save(fh, volume.hu.astype(np.float32, copy=False)))
+        replace_atomically(out, lambda fh: np.save(fh, volume.hu.astype(np.float32, copy=False)))
     problems = [{"kind": p.kind, "detail": p.detail, "count": p.count} for p in volume.report.problems]
     log_event(log, "pipeline.assemble.volume", run_id=context.run_id, series_uid=choice.series_uid,
               shape="x".join(map(str, volume.hu.shape)), problems=len(problems))

@@ -19,7 +19,7 @@ from db.models import OrganMeasurement
 from db.session import session_scope
 from omnict_node.logs import log_event
 from workers.pipeline import StageContext, WorkerResources
-from workers.stages.assemble import load_assembled_volume
+from workers.stages.assemble import load_assembled_volume, replace_atomically
 
 log = logging.getLogger("omnict.stage.segment")
 
@@ -49,14 +49,10 @@ def segment(context: StageContext) -> dict:
     volume = load_assembled_volume(context)
     segmenter = segmenter_for(context.resources)
     result = segmenter.segment(volume.hu, volume.spacing, axis_codes_from_direction(volume.direction[:, ::-1]))
-    for name, write in ((LABEL_NAMES_FILE, lambda fh: fh.write(
-                            json.dumps({str(k): v for k, v in result.labels.items()}).encode())),
-                        (LABELS_FILE, lambda fh: np.save(fh, result.label_map))):
-        out = context.work_dir / name
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            write(fh)
-        tmp.replace(out)  # idempotent: a retried stage overwrites the same files
+    # idempotent: a retried stage overwrites the same files
+    replace_atomically(context.work_dir / LABEL_NAMES_FILE,
+                       lambda fh: fh.write(json.dumps({str(k): v for k, v in result.labels.items()}).encode()))
+    replace_atomically(context.work_dir / LABELS_FILE, lambda fh: np.save(fh, result.label_map))
 
     measurements = measure_organs(result.label_map, volume.hu, volume.spacing, result.labels)
     with session_scope(context.session_factory) as session:
