@@ -3,23 +3,25 @@
     python bench/pipeline.py [--slices 300] [--size 512] [--runs 1] [--warm]
 
 * A real Orthanc (the PACS, on loopback) and the node as a real process on the embedded defaults (SQLite, filesystem
-  Celery transport, one embedded worker process, classical segmentation, the shipped OmniCT checkpoint), delivering to
-  Orthanc.
+  Celery transport, the two embedded worker processes (gpu queue: segment, infer; cpu queue: the rest), classical
+  segmentation, the shipped OmniCT checkpoint), delivering to Orthanc.
 * A phantom CT study (300 slices of 512x512 by default, with findings) is sent to the node with dcmtk ``storescu``;
   the clock starts when storescu exits (the last C-STORE response) and stops when Orthanc holds all result objects
   (SEG, 3 SRs, KOS) of the study.
 * The study is sent as soon as the node's DICOM port opens, as to a node that has just been (re)started: the worker
-  process's own start-up (Python, Celery, imports) overlaps the transfer and, when it takes longer, adds to the
+  processes' own start-up (Python, Celery, imports) overlaps the transfer and, when it takes longer, adds to the
   measured time (on a loaded 2-core machine up to 1-2 s, seen as a late start of the assemble stage). ``--warm``
-  sends it once the worker is up and warm (its ``<data_dir>/workers/<pid>.warm`` marker, written when its stage
-  dependencies are imported and, the embedded worker consuming the gpu queue, its models are loaded): the steady
-  state of a node that is already running.
+  sends it once every worker is up and warm (its ``<data_dir>/workers/<pid>.warm`` marker, written when its stage
+  dependencies are imported and, for the gpu-queue worker, its models are loaded): the steady state of a node that
+  is already running.
 * The quiet periods are set to their minimum (series 0.2 s, study 0.3 s, sweep 0.1 s) and EXCLUDED: the time from the
   last C-STORE response to the completion decision is printed and subtracted.
 * Stage times come from the node's own records (``run_stages``). Segmentation = the segment stage (the segmenter
   and the organ measurements it records), inference = the infer stage (resampling to the model's grid and the
   question battery with the report). Overhead = everything else: completion hand-off, queueing, assembling,
-  reporting, delivery. Last line:
+  reporting, delivery. The ``measurements`` side task (SEG and measurement SR encoded and sent by the cpu worker
+  while the gpu worker runs inference) is printed with the stages; it overlaps them, so only the wall clock counts.
+  Last line:
   ``overhead_ratio=<(total - segmentation - inference) / total>`` (goal <= 0.20), with ``--runs N`` the median of
   the runs' own ratios.
 """
@@ -57,10 +59,10 @@ def orthanc_result_count(orthanc, study_uid: str) -> int:
     return len(orthanc.get_json(f"/studies/{studies[0]}/instances")) if studies else 0
 
 
-def wait_for_warm_worker(node_dir: Path, node: NodeProcess, timeout_s: float = 300.0) -> float:
-    """Seconds waited until the node's worker process marked itself warm (see workers.tasks.warm_marker)."""
+def wait_for_warm_workers(node_dir: Path, node: NodeProcess, count: int, timeout_s: float = 300.0) -> float:
+    """Seconds waited until the node's ``count`` worker processes marked themselves warm (workers.tasks.warm_marker)."""
     started = time.monotonic()
-    while not any((node_dir / "workers").glob("*.warm")):
+    while len(list((node_dir / "workers").glob("*.warm"))) < count:
         if time.monotonic() - started > timeout_s:
             raise SystemExit("the node's worker did not become ready:\n" + node.log_text()[-3000:])
         time.sleep(0.1)
@@ -83,7 +85,7 @@ def one_run(work: Path, slices: int, size: int, seed: int, checkpoint: str | Non
     node = NodeProcess(settings, work / "node.log").start()
     try:
         if warm:
-            wait_for_warm_worker(settings.data_dir, node)
+            wait_for_warm_workers(settings.data_dir, node, len(settings.workers.embedded_queues))
         sent = subprocess.run(["storescu", "-aec", settings.dicom.ae_title, "+sd", "127.0.0.1",
                                str(settings.dicom.port), str(paths.ct_files[0].parent)],
                               capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"))

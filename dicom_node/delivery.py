@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,7 +281,7 @@ def result_files(session: Session, settings: Settings, run_id: int) -> list[tupl
 
 def deliver_run(session_factory: sessionmaker[Session], settings: Settings, run_id: int,
                 destination: DestinationSettings, *, calling_ae: str | None = None, force: bool = False,
-                final_attempt: bool = False) -> DeliveryReport:
+                final_attempt: bool = False, delivered_before: Collection[str] = ()) -> DeliveryReport:
     """Deliver run ``run_id``'s result objects to ``destination`` and record it in its :class:`Delivery` row.
 
     The row (one per run and destination) gets ``attempts += 1`` and ``state = 'pending'`` before anything is sent,
@@ -291,6 +291,10 @@ def deliver_run(session_factory: sessionmaker[Session], settings: Settings, run_
 
     A run already delivered to this destination with the same objects is not sent again unless ``force``
     (a re-delivery sends the same SOP Instance UIDs, so the PACS replaces rather than duplicates them).
+
+    ``delivered_before``: SOP Instance UIDs of the run that reached this destination already (the measurement objects
+    sent while the model ran); on the run's first delivery attempt to it they are not sent again, on any later attempt
+    (a retry, an operator's re-delivery) everything is sent.
     """
     label = destination_label(destination)
     dicom = settings.dicom
@@ -299,6 +303,7 @@ def deliver_run(session_factory: sessionmaker[Session], settings: Settings, run_
         uids = [row.sop_instance_uid for row, _ in files]
         row = session.scalars(select(Delivery).where(Delivery.run_id == run_id, Delivery.destination == label)
                               .order_by(Delivery.id)).first()
+        first_attempt = row is None or row.attempts == 0
         if row is None:
             row = Delivery(run_id=run_id, destination=label, state="pending", attempts=0)
             session.add(row)
@@ -313,9 +318,13 @@ def deliver_run(session_factory: sessionmaker[Session], settings: Settings, run_
         error = DeliveryError(f"run {run_id} has no result objects to deliver", transient=False)
         _record_failure(session_factory, delivery_id, error, final_attempt)
         raise error
-    log_event(log, "delivery.start", run_id=run_id, delivery_id=delivery_id, destination=label, objects=len(files))
+    already = set(delivered_before) if first_attempt and not force else set()
+    sent_before = [obj.sop_instance_uid for obj, _ in files if obj.sop_instance_uid in already]
+    log_event(log, "delivery.start", run_id=run_id, delivery_id=delivery_id, destination=label, objects=len(files),
+              delivered_before=len(sent_before))
     try:
-        report = deliver([path for _, path in files], destination, calling_ae or dicom.ae_title,
+        report = deliver([path for obj, path in files if obj.sop_instance_uid not in already], destination,
+                         calling_ae or dicom.ae_title,
                          acse_timeout_s=dicom.acse_timeout_s, dimse_timeout_s=dicom.dimse_timeout_s,
                          network_timeout_s=dicom.network_timeout_s)
     except DeliveryError as error:
@@ -329,7 +338,7 @@ def deliver_run(session_factory: sessionmaker[Session], settings: Settings, run_
     with session_factory.begin() as session:
         row = session.get(Delivery, delivery_id)
         row.state, row.delivered_at, row.last_error = "delivered", utcnow(), None
-        row.sop_instance_uids = [r.sop_instance_uid for r in report.results]
+        row.sop_instance_uids = sent_before + [r.sop_instance_uid for r in report.results]
     log_event(log, "delivery.done", run_id=run_id, delivery_id=delivery_id, destination=label,
               objects=len(report.results), duration_s=report.duration_s)
     return report

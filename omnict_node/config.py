@@ -111,7 +111,12 @@ class CompletenessSettings(Section):
 class WorkerSettings(Section):
     broker_url: str | None = Field(None, description="Celery broker; default: embedded filesystem transport under <data_dir>/broker.")
     concurrency: int = 1
-    embedded_worker: bool = Field(True, description="`omnict-node serve` starts a worker process itself.")
+    embedded_worker: bool = Field(True, description="`omnict-node serve` starts its worker processes itself.")
+    embedded_queues: list[str] = Field(
+        ["gpu", "cpu"], min_length=1,
+        description="The embedded worker processes, one per entry, each consuming the queues it names (comma-separated): "
+                    "by default one for the models and one for encoding and delivery, so that the SEG and measurement "
+                    "SR are encoded and sent while inference runs; [\"cpu,gpu\"] for a single process.")
     task_max_retries: int = 5
     retry_backoff_s: float = 5.0
     stall_timeout_s: float = Field(120.0, ge=20.0, description="A stage whose worker sent no heartbeat (every 5 s) for this "

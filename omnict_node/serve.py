@@ -1,8 +1,9 @@
 """``omnict-node serve``: the whole node in one command on the embedded defaults.
 
 Runs the storage SCP, the completeness sweeper (which dispatches complete studies to the pipeline) and, unless
-``workers.embedded_worker`` is off, a real Celery worker process that it restarts if it dies. Production deployments
-run the same pieces as separate containers (see docker-compose.yml): ``serve`` with ``embedded_worker = false`` plus
+``workers.embedded_worker`` is off, real Celery worker processes that it restarts if they die: by default one for the
+gpu queue (models) and one for the cpu queue (``workers.embedded_queues``). Production deployments run the same pieces
+as separate containers (see docker-compose.yml): ``serve`` with ``embedded_worker = false`` plus
 ``omnict-node worker -Q gpu`` / ``-Q cpu``.
 """
 
@@ -26,11 +27,12 @@ log = logging.getLogger("omnict.node")
 
 
 class EmbeddedWorker:
-    """A supervised ``omnict-node worker`` child process (restarted if it exits unexpectedly)."""
+    """A supervised ``omnict-node worker -Q <queues>`` child process (restarted if it exits unexpectedly)."""
 
-    def __init__(self, config_file: Path | None, settings: Settings) -> None:
+    def __init__(self, config_file: Path | None, settings: Settings, queues: str) -> None:
         self.config_file = config_file
         self.settings = settings
+        self.queues = queues
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -39,7 +41,7 @@ class EmbeddedWorker:
         command = [sys.executable, "-m", "omnict_node"]
         if self.config_file:
             command += ["--config", str(self.config_file)]
-        return command + ["worker", "-Q", "cpu,gpu"]
+        return command + ["worker", "-Q", self.queues]
 
     def _environment(self) -> dict[str, str]:
         # The child must see the same effective settings, including overrides made in code (tests, demo).
@@ -52,26 +54,32 @@ class EmbeddedWorker:
 
     def _spawn(self) -> None:
         self.process = subprocess.Popen(self._command(), env=self._environment())
-        log_event(log, "worker.started", pid=self.process.pid)
+        log_event(log, "worker.started", pid=self.process.pid, queues=self.queues)
 
     def _supervise(self) -> None:
         while not self._stopping.is_set():
             code = self.process.wait() if self.process else 0
             if self._stopping.is_set():
                 return
-            log_event(log, "worker.exited", logging.WARNING, code=code)
+            log_event(log, "worker.exited", logging.WARNING, code=code, queues=self.queues)
             self._stopping.wait(1.0)
             if not self._stopping.is_set():
                 self._spawn()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """SIGTERM (Celery's warm shutdown: the task in hand finishes); :meth:`wait_stopped` waits for it."""
         self._stopping.set()
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+
+    def wait_stopped(self, timeout_s: float = 30.0) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 class ApiServer:
@@ -97,7 +105,7 @@ class ApiServer:
 
 
 class Node:
-    """The running node: SCP (+ query/retrieve), completeness sweeper, stall watchdog, API (+ embedded worker)."""
+    """The running node: SCP (+ query/retrieve), completeness sweeper, stall watchdog, API (+ embedded workers)."""
 
     def __init__(self, settings: Settings, config_file: Path | None = None) -> None:
         from db.migrate import ensure_schema
@@ -121,15 +129,16 @@ class Node:
                                            lambda run_id: dispatch_run(self.celery, run_id))
         self.watchdog = StallWatchdog(self.session_factory, settings.workers.stall_timeout_s,
                                       lambda run_id, stage: dispatch_stage(self.celery, run_id, stage.name, stage.queue))
-        self.worker = EmbeddedWorker(config_file, settings) if settings.workers.embedded_worker else None
+        self.workers = [EmbeddedWorker(config_file, settings, queues) for queues in settings.workers.embedded_queues] \
+            if settings.workers.embedded_worker else []
         self.api = ApiServer(settings, self.session_factory) if settings.api.enabled else None
 
     def start(self) -> None:
         self.scp.start()
         self.sweeper.start()
         self.watchdog.start()
-        if self.worker:
-            self.worker.start()
+        for worker in self.workers:
+            worker.start()
         if self.api:
             self.api.start()
         log_event(log, "node.started", ae_title=self.settings.dicom.ae_title, port=self.settings.dicom.port,
@@ -141,8 +150,10 @@ class Node:
         self.watchdog.stop()
         if self.api:
             self.api.stop()
-        if self.worker:
-            self.worker.stop()
+        for worker in self.workers:  # all at once: each finishes its task in hand
+            worker.request_stop()
+        for worker in self.workers:
+            worker.wait_stopped()
         self.engine.dispose()
         log_event(log, "node.stopped")
 

@@ -5,7 +5,15 @@ Plain Python in, highdicom datasets out; no database, no model. One module per l
 ``seg`` / ``measurement_sr`` / ``vqa_sr`` / ``narrative`` / ``kos`` (one object each) → ``bundle`` (all of them).
 """
 
-from reports.bundle import ResultObjects, build_result_objects
+from reports.bundle import (
+    MeasurementObjects,
+    ReadingObjects,
+    ResultObjects,
+    build_measurement_objects,
+    build_reading_objects,
+    build_result_objects,
+    write_objects,
+)
 from reports.coding import FINDINGS, Urgency, finding_code, organ_coding
 from reports.inputs import (
     AlgorithmInfo,
@@ -25,8 +33,10 @@ from reports.vqa_sr import build_findings_report
 __all__ = [
     "AlgorithmInfo",
     "FINDINGS",
+    "MeasurementObjects",
     "ObjectKind",
     "OrganMeasurement",
+    "ReadingObjects",
     "ReportInputError",
     "ResultObjects",
     "RunIdentity",
@@ -36,11 +46,14 @@ __all__ = [
     "VqaAnswer",
     "build_findings_report",
     "build_key_object_selection",
+    "build_measurement_objects",
     "build_measurement_report",
     "build_narrative_report",
+    "build_reading_objects",
     "build_result_objects",
     "build_segmentation",
     "finding_code",
     "organ_coding",
     "render_narrative",
+    "write_objects",
 ]

@@ -70,11 +70,25 @@ StageFunction = Callable[[StageContext], dict[str, Any]]
 
 
 @dataclass(frozen=True)
+class SideTask:
+    """Work dispatched beside the main line when a stage has succeeded, to run while the next stages do (on a worker
+    of its own queue). It never changes the run's state and its failure fails nothing: the main line's stages do
+    the same work themselves when its results are not there. ``while_states``: a run in any other state skips it
+    (the main line has got there first)."""
+
+    name: str
+    queue: str
+    function: StageFunction
+    while_states: frozenset[RunState]
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     state: RunState
     queue: str  # "cpu" or "gpu"
     function: StageFunction
+    side_tasks: tuple[SideTask, ...] = ()  # dispatched with the next stage when this one succeeds
 
 
 @dataclass
@@ -146,6 +160,14 @@ def stage_by_name(name: str) -> Stage:
     raise KeyError(f"unknown pipeline stage: {name}")
 
 
+def side_task_by_name(name: str) -> SideTask:
+    for stage in _stages():
+        for task in stage.side_tasks:
+            if task.name == name:
+                return task
+    raise KeyError(f"unknown side task: {name}")
+
+
 def first_stage() -> Stage:
     return _stages()[0]
 
@@ -213,22 +235,47 @@ def _claim(resources: WorkerResources, run_id: int, stage: Stage) -> tuple[Stage
             state = session.scalar(select(PipelineRun.state).where(PipelineRun.id == run_id))
             log_event(log, "pipeline.stage.skipped", run_id=run_id, stage=stage.name, state=getattr(state, "value", state))
             return None
-        run = session.get(PipelineRun, run_id)
-        study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == run.study_id))
-        attempt = 1 + (session.scalar(
-            select(func.count(StageRecord.id)).where(StageRecord.run_id == run_id, StageRecord.stage == stage.name)
-        ) or 0)
-        record = StageRecord(run_id=run_id, stage=stage.name, attempt=attempt, worker=f"{socket.gethostname()}:{os.getpid()}")
-        session.add(record)
-        session.flush()
-        results = dict(run.result or {})
-        run_number = run.run_number
-        record_id = record.id
+        return _start_attempt(resources, session, session.get(PipelineRun, run_id), stage.name)
+
+
+def _start_attempt(resources: WorkerResources, session: Session, run: PipelineRun, name: str
+                   ) -> tuple[StageContext, int]:
+    """Record the attempt of stage (or side task) ``name`` on ``run`` and build its context."""
+    study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == run.study_id))
+    attempt = 1 + (session.scalar(
+        select(func.count(StageRecord.id)).where(StageRecord.run_id == run.id, StageRecord.stage == name)
+    ) or 0)
+    record = StageRecord(run_id=run.id, stage=name, attempt=attempt, worker=f"{socket.gethostname()}:{os.getpid()}")
+    session.add(record)
+    session.flush()
     settings = resources.settings
-    context = StageContext(run_id, run_number, study_uid, settings, factory,
-                           run_work_dir(settings, study_uid, run_number), results, resources)
+    context = StageContext(run.id, run.run_number, study_uid, settings, resources.session_factory,
+                           run_work_dir(settings, study_uid, run.run_number), dict(run.result or {}), resources)
     context.work_dir.mkdir(parents=True, exist_ok=True)
-    return context, record_id
+    return context, record.id
+
+
+def execute_side_task(resources: WorkerResources, run_id: int, task: SideTask) -> None:
+    """Run side task ``task`` for run ``run_id`` once, recorded as a ``run_stages`` row of its own name. Never
+    raises for the task's own errors: they are recorded and logged, and the main line covers the work."""
+    with session_scope(resources.session_factory) as session:
+        run = session.get(PipelineRun, run_id)
+        if run is None or run.state not in task.while_states:
+            log_event(log, "pipeline.side_task.skipped", run_id=run_id, task=task.name,
+                      state=getattr(getattr(run, "state", None), "value", None))
+            return
+        context, record_id = _start_attempt(resources, session, run, task.name)
+    started = time.monotonic()
+    try:
+        output = task.function(context)
+    except Exception as exc:  # noqa: BLE001 - the main line does this work itself
+        _finish_attempt(resources.session_factory, record_id, started, "failed", f"{type(exc).__name__}: {exc}")
+        log_event(log, "pipeline.side_task.failed", logging.WARNING, run_id=run_id, task=task.name,
+                  error=type(exc).__name__)
+        return
+    _finish_attempt(resources.session_factory, record_id, started, "ok", None)
+    log_event(log, "pipeline.side_task.done", run_id=run_id, task=task.name, seconds=time.monotonic() - started,
+              **{k: v for k, v in output.items() if isinstance(v, (int, float, str))})
 
 
 def _finish_attempt(factory: sessionmaker[Session], record_id: int, started: float, outcome: str, error: str | None) -> None:

@@ -13,11 +13,21 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 
 from omnict_node.logs import log_event
 from workers.celery_app import GPU_QUEUE
-from workers.pipeline import WorkerResources, execute_stage, fail_run, first_stage, freeze_long_lived_objects
+from workers.pipeline import (
+    WorkerResources,
+    execute_side_task,
+    execute_stage,
+    fail_run,
+    first_stage,
+    freeze_long_lived_objects,
+    side_task_by_name,
+    stage_by_name,
+)
 
 log = logging.getLogger("omnict.tasks")
 
 RUN_STAGE = "omnict.run_stage"
+RUN_SIDE_TASK = "omnict.run_side_task"
 
 # What the CPU stages import on first use (DICOM encoding, the network stack, SQL helpers): about a second of imports
 # that the first study after a worker start would otherwise wait for. Imported when the worker process starts instead
@@ -134,6 +144,14 @@ def run_stage(self, run_id: int, stage_name: str) -> None:
         raise self.retry(exc=exc, countdown=countdown)
     if following is not None:
         dispatch_stage(self.app, run_id, following.name, following.queue)
+        for task in stage_by_name(stage_name).side_tasks:
+            self.app.send_task(RUN_SIDE_TASK, args=[run_id, task.name], queue=task.queue)
+
+
+@shared_task(bind=True, name=RUN_SIDE_TASK, acks_late=True, reject_on_worker_lost=True)
+def run_side_task(self, run_id: int, task_name: str) -> None:
+    """One try, no retry: when a side task fails, the main line's stages do its work (see SideTask)."""
+    execute_side_task(worker_resources(self.app), run_id, side_task_by_name(task_name))
 
 
 def dispatch_stage(app, run_id: int, stage_name: str, queue: str) -> None:

@@ -68,6 +68,24 @@ def test_deliver_run_to_orthanc_is_idempotent(settings, session_factory, content
     assert (row.state, row.attempts) == ("delivered", 2)
 
 
+def test_objects_delivered_before_are_skipped_on_the_first_attempt_only(settings, session_factory, content, orthanc):
+    """The measurement objects the side task sent while the model ran are not sent again by the deliver stage's first
+    attempt (yet recorded as delivered); a later attempt, e.g. an operator's re-delivery, sends everything."""
+    destination = orthanc_destination(orthanc)
+    uids = list(content.result_sop_uids)  # in the order of the result_objects rows: SEG and measurement SR first
+    early = uids[:2]
+    report = deliver_run(session_factory, settings, content.run_id, destination, delivered_before=early)
+    assert report.ok
+    assert [r.sop_instance_uid for r in report.results] == uids[2:]
+    assert sorted(orthanc_sop_uids(orthanc)) == sorted(uids[2:])  # the early two were not sent
+    [row] = delivery_rows(session_factory)
+    assert row.state == "delivered" and sorted(row.sop_instance_uids) == sorted(content.result_sop_uids)
+
+    again = deliver_run(session_factory, settings, content.run_id, destination, force=True, delivered_before=early)
+    assert sorted(r.sop_instance_uid for r in again.delivered) == sorted(content.result_sop_uids)
+    assert sorted(orthanc_sop_uids(orthanc)) == sorted(content.result_sop_uids)
+
+
 def test_orthanc_down_is_transient_then_delivery_succeeds(settings, session_factory, content, orthanc):
     destination = orthanc_destination(orthanc)
     orthanc.stop()  # waits for the process to exit (its index stays locked until then)

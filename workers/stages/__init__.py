@@ -1,4 +1,5 @@
-"""The pipeline's stages, in order. Each module holds one stage function ``(StageContext) -> dict``."""
+"""The pipeline's stages, in order. Each module holds one stage function ``(StageContext) -> dict``; the segment stage
+also starts the ``measurements`` side task (SEG and measurement SR encoded and sent while inference runs)."""
 
 from db.models import RunState
 from workers.celery_app import CPU_QUEUE, GPU_QUEUE
@@ -6,12 +7,13 @@ from workers.pipeline import Stage
 from workers.stages.assemble import assemble
 from workers.stages.deliver import deliver
 from workers.stages.infer import infer
+from workers.stages.measurements import MEASUREMENTS
 from workers.stages.report import report
 from workers.stages.segment import segment
 
 STAGES: list[Stage] = [
     Stage("assemble", RunState.ASSEMBLING, CPU_QUEUE, assemble),
-    Stage("segment", RunState.SEGMENTING, GPU_QUEUE, segment),
+    Stage("segment", RunState.SEGMENTING, GPU_QUEUE, segment, side_tasks=(MEASUREMENTS,)),
     Stage("infer", RunState.INFERRING, GPU_QUEUE, infer),
     Stage("report", RunState.REPORTING, CPU_QUEUE, report),
     Stage("deliver", RunState.DELIVERING, CPU_QUEUE, deliver),

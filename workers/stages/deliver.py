@@ -36,7 +36,8 @@ def destinations_for(settings: Settings, source_ae_title: str | None) -> list[De
 
 
 def deliver(context: StageContext) -> dict:
-    from dicom_node.delivery import DeliveryError, deliver_run
+    from dicom_node.delivery import DeliveryError, deliver_run, destination_label
+    from workers.stages.report import early_deliveries
 
     with session_scope(context.session_factory) as session:
         source_ae = session.scalar(select(Study.source_ae_title)
@@ -46,10 +47,12 @@ def deliver(context: StageContext) -> dict:
         log_event(log, "pipeline.deliver.no_destination", run_id=context.run_id)
         return {"destinations": [], "note": "no destination configured; results are kept on the node"}
     delivered = []
+    sent_early = early_deliveries(context)  # by the measurements side task, while the model ran
     for destination in targets:
         try:
             report = deliver_run(context.session_factory, context.settings, context.run_id, destination,
-                                 final_attempt=context.final_attempt)
+                                 final_attempt=context.final_attempt,
+                                 delivered_before=sent_early.get(destination_label(destination), ()))
         except DeliveryError as exc:
             if exc.transient and not context.final_attempt:
                 raise  # retried with backoff by the task layer

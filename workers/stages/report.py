@@ -1,15 +1,21 @@
 """Stage 4, report (cpu queue): encode the run's results as DICOM and put the study on the worklist.
 
-Objects (``reports.build_result_objects``): SEG of the organ masks, TID 1500 measurement SR, findings SR, narrative
-SR and a Key Object Selection of the key images — all in the source study, UIDs derived from the run, so encoding
-the same run again (a retried stage, a re-delivery) produces the same UIDs and replaces rather than duplicates.
-Files land in ``<data_dir>/results/<study>/run-<n>/``; ``result_objects`` rows are replaced as a whole.
+Objects: SEG of the organ masks and TID 1500 measurement SR (``reports.build_measurement_objects``), findings SR,
+narrative SR and a Key Object Selection of the key images (``reports.build_reading_objects``) — all in the source
+study, UIDs derived from the run, so encoding the same run again (a retried stage, a re-delivery) produces the same
+UIDs and replaces rather than duplicates. Files land in ``<data_dir>/results/<study>/run-<n>/``; ``result_objects``
+rows are replaced as a whole.
+
+The SEG and the measurement SR need no model answer: the ``measurements`` side task (workers/stages/measurements.py)
+encodes them while inference runs. When its files are all there, this stage takes them as they are (they are what
+it would write); otherwise it encodes them itself.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +26,38 @@ from db.models import Finding, OrganMeasurement, PipelineRun, ResultObject
 from db.session import session_scope
 from omnict_node.logs import log_event
 from workers.pipeline import StageContext, cyclic_gc_paused
-from workers.stages.assemble import study_files_by_series
-from workers.stages.segment import load_label_map
+from workers.stages.assemble import replace_atomically, study_files_by_series
+from workers.stages.segment import LABEL_NAMES_FILE, load_label_map
 
 log = logging.getLogger("omnict.stage.report")
 
 
+# Written by the measurements side task: the SEG and measurement SR files it encoded, and where it delivered them.
+EARLY_OBJECTS_FILE = "measurement_objects.json"
+
+
 def results_dir(context: StageContext) -> Path:
     return context.settings.data_dir / "results" / context.study_instance_uid / f"run-{context.run_number}"
+
+
+@dataclass(frozen=True)
+class ObjectFile:
+    """One encoded result object on disk: what its ``result_objects`` row records."""
+
+    kind: str  # seg, measurement_sr, findings_sr, narrative_sr, kos
+    path: str  # relative to the data directory
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    size_bytes: int
+
+
+def _object_files(context: StageContext, kinds: list[str], datasets: list, paths: list[Path]) -> list[ObjectFile]:
+    return [ObjectFile(kind, str(path.relative_to(context.settings.data_dir)), str(ds.SOPClassUID),
+                       str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID),
+                       path.stat().st_size)
+            for kind, ds, path in zip(kinds, datasets, paths, strict=True)]
 
 
 def label_map_on_source_slices(label_map: np.ndarray, assembled: dict, n_source_slices: int) -> np.ndarray:
@@ -101,53 +131,126 @@ def _organs(context: StageContext, session, labels: dict[int, str]) -> list:
 
 def report(context: StageContext) -> dict:
     from api.worklist import refresh_worklist_item
+    from reports import build_reading_objects, write_objects
+
+    with cyclic_gc_paused():
+        source, organs, run = measurement_inputs(context)
+        with session_scope(context.session_factory) as session:
+            answers = _answers(context, session)
+        measured = early_measurement_files(context)
+        reused = measured is not None
+        if measured is None:
+            measured = encode_measurement_files(context, source, organs, run)
+        reading = build_reading_objects(source, organs, answers, model_algorithm(context.results.get("infer", {})),
+                                        run)
+        datasets = reading.datasets()
+        kinds = [kind for kind, obj in (("findings_sr", reading.findings_report), ("narrative_sr", reading.narrative_report),
+                                        ("kos", reading.key_objects)) if obj is not None]  # the order of datasets()
+        files = measured + _object_files(context, kinds, datasets, write_objects(datasets, results_dir(context)))
+    _remove_other_objects(results_dir(context), files, context.settings.data_dir)
+    with session_scope(context.session_factory) as session:
+        session.execute(delete(ResultObject).where(ResultObject.run_id == context.run_id))
+        for f in files:
+            session.add(ResultObject(
+                run_id=context.run_id, kind=f.kind, sop_class_uid=f.sop_class_uid, sop_instance_uid=f.sop_instance_uid,
+                series_instance_uid=f.series_instance_uid, study_instance_uid=f.study_instance_uid, path=f.path,
+                size_bytes=f.size_bytes))
+        session.flush()
+        refresh_worklist_item(session, context.run_id, rules=context.settings.api.worklist)
+    log_event(log, "pipeline.report.done", run_id=context.run_id, objects=len(files), measurements_reused=reused)
+    return {"objects": [f.path for f in files], "narrative": reading.narrative_text}
+
+
+def model_algorithm(inference: dict):
+    """Algorithm Identification of the findings, narrative and KOS: the OmniCT checkpoint and question protocol."""
+    from reports import AlgorithmInfo
+
+    return AlgorithmInfo("OmniCT", str(inference.get("model_version", "unknown")),
+                         {"checkpoint": str(inference.get("checkpoint", "")),
+                          "protocol": str(inference.get("protocol", ""))})
+
+
+def read_source_series(context: StageContext):
+    """The headers of the analysed series (the source of every result object's patient, study and references)."""
     from reports import SourceSeries
 
     assembled = context.results["assemble"]
-    series_files = study_files_by_series(context)[assembled["series_instance_uid"]]
-    with cyclic_gc_paused():
-        source = SourceSeries.from_files(series_files)
-        label_map, labels = load_label_map(context)
-        label_map = label_map_on_source_slices(label_map, assembled, len(source.datasets))
-        with session_scope(context.session_factory) as session:
-            answers = _answers(context, session)
-            organs = _organs(context, session, labels)
-            completed_at = session.scalar(select(PipelineRun.completed_at).where(PipelineRun.id == context.run_id))
-        segmentation = context.results.get("segment", {})
-        inference = context.results.get("infer", {})
-        objects, paths = _encode(context, source, label_map, organs, answers, segmentation, inference, completed_at)
-    kinds = [kind for kind, obj in (("seg", objects.segmentation), ("measurement_sr", objects.measurement_report),
-                                    ("findings_sr", objects.findings_report), ("narrative_sr", objects.narrative_report),
-                                    ("kos", objects.key_objects)) if obj is not None]  # the order of datasets()
+    return SourceSeries.from_files(study_files_by_series(context)[assembled["series_instance_uid"]])
+
+
+def load_label_names(context: StageContext) -> dict[int, str]:
+    names = json.loads((context.work_dir / LABEL_NAMES_FILE).read_text())
+    return {int(k): v for k, v in names.items()}
+
+
+def run_identity(context: StageContext, session):
+    """The identity every object UID derives from (the same run gives the same UIDs), dated at the study's
+    completion."""
+    from reports import RunIdentity
+
+    completed_at = session.scalar(select(PipelineRun.completed_at).where(PipelineRun.id == context.run_id))
+    return RunIdentity(context.study_instance_uid, f"{context.study_instance_uid}/run-{context.run_number}",
+                       created=completed_at)
+
+
+def measurement_inputs(context: StageContext):
+    """(source series, reported organs, run identity) for the measurement objects."""
+    source = read_source_series(context)
     with session_scope(context.session_factory) as session:
-        session.execute(delete(ResultObject).where(ResultObject.run_id == context.run_id))
-        for kind, dataset, path in zip(kinds, objects.datasets(), paths, strict=True):
-            session.add(ResultObject(
-                run_id=context.run_id, kind=kind, sop_class_uid=dataset.SOPClassUID,
-                sop_instance_uid=dataset.SOPInstanceUID, series_instance_uid=dataset.SeriesInstanceUID,
-                study_instance_uid=dataset.StudyInstanceUID, path=str(path.relative_to(context.settings.data_dir)),
-                size_bytes=path.stat().st_size))
-        session.flush()
-        refresh_worklist_item(session, context.run_id, rules=context.settings.api.worklist)
-    log_event(log, "pipeline.report.done", run_id=context.run_id, objects=len(paths))
-    return {"objects": [str(p.relative_to(context.settings.data_dir)) for p in paths],
-            "narrative": objects.narrative_text}
+        return source, _organs(context, session, load_label_names(context)), run_identity(context, session)
 
 
-def _encode(context: StageContext, source, label_map, organs, answers, segmentation: dict, inference: dict,
-            completed_at):
-    from reports import AlgorithmInfo, RunIdentity, build_result_objects
+def encode_measurement_files(context: StageContext, source, organs: list, run) -> list[ObjectFile]:
+    """Encode and write the SEG and the TID 1500 measurement SR of the run (they depend on the segmentation only)."""
+    from reports import AlgorithmInfo, build_measurement_objects, write_objects
 
-    objects = build_result_objects(
-        source, label_map, organs, answers,
-        AlgorithmInfo("OmniCT", str(inference.get("model_version", "unknown")),
-                      {"checkpoint": str(inference.get("checkpoint", "")), "protocol": str(inference.get("protocol", ""))}),
-        RunIdentity(context.study_instance_uid, f"{context.study_instance_uid}/run-{context.run_number}",
-                    created=completed_at),
-        segmentation_algorithm=AlgorithmInfo(str(segmentation.get("backend", "unknown")),
-                                             str(segmentation.get("backend_version", "unknown"))),
-    )
-    folder = results_dir(context)
-    shutil.rmtree(folder, ignore_errors=True)  # a retried stage writes the same objects again
-    paths = objects.write(folder)
-    return objects, paths
+    label_map, _ = load_label_map(context)
+    label_map = label_map_on_source_slices(label_map, context.results["assemble"], len(source.datasets))
+    segmentation = context.results.get("segment", {})
+    algorithm = AlgorithmInfo(str(segmentation.get("backend", "unknown")),
+                              str(segmentation.get("backend_version", "unknown")))
+    objects = build_measurement_objects(source, label_map, organs, algorithm, run)
+    datasets = objects.datasets()
+    paths = write_objects(datasets, results_dir(context))
+    return _object_files(context, ["seg", "measurement_sr"], datasets, paths)
+
+
+def record_early_objects(context: StageContext, files: list[ObjectFile], delivered: dict[str, list[str]]) -> None:
+    """The measurements side task's record: its files, and per destination the SOP Instance UIDs it delivered."""
+    replace_atomically(context.work_dir / EARLY_OBJECTS_FILE, lambda fh: fh.write(json.dumps(
+        {"objects": [asdict(f) for f in files], "delivered": delivered}).encode()))
+
+
+def early_measurement_files(context: StageContext) -> list[ObjectFile] | None:
+    """The SEG and measurement SR the side task encoded for this run, or None unless all its files are there."""
+    record = _early_record(context)
+    if record is None:
+        return None
+    files = [ObjectFile(**f) for f in record.get("objects", [])]
+    data_dir = context.settings.data_dir
+    if not files or any(not (data_dir / f.path).is_file() or (data_dir / f.path).stat().st_size != f.size_bytes
+                        for f in files):
+        return None
+    return files
+
+
+def early_deliveries(context: StageContext) -> dict[str, list[str]]:
+    """Per destination label, the SOP Instance UIDs the side task delivered (empty when it did not)."""
+    record = _early_record(context)
+    return dict(record.get("delivered", {})) if record else {}
+
+
+def _early_record(context: StageContext) -> dict | None:
+    try:
+        return json.loads((context.work_dir / EARLY_OBJECTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_other_objects(folder: Path, files: list[ObjectFile], data_dir: Path) -> None:
+    """Remove object files of the run's folder that are not among ``files`` (left by an earlier attempt whose
+    objects differed): the folder holds exactly the objects of the ``result_objects`` rows."""
+    keep = {(data_dir / f.path).name for f in files}
+    for path in folder.glob("*.dcm"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,109 @@
+"""The ``measurements`` side task: the SEG and the measurement SR encoded and sent while inference runs, then taken
+by the report stage as they are and not sent again by the deliver stage. The stages run in this process, one after
+the other as the workers would run them, on the real database (SQLite and PostgreSQL) and with a real Orthanc."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from db.models import Delivery, PipelineRun, ResultObject, RunState, StageRecord
+from dicom_node.completeness import force_complete
+from omnict_core.phantom import PhantomSpec, generate_study, write_dicom_study
+from omnict_node.config import DestinationSettings
+from tests.dicom_node.test_delivery import orthanc_sop_uids
+from tests.dicom_node.test_qr import _register
+from workers.pipeline import WorkerResources, execute_side_task, execute_stage
+from workers.stages.measurements import MEASUREMENTS
+from workers.stages.report import EARLY_OBJECTS_FILE
+
+
+@pytest.fixture
+def segmented(settings, session_factory, orthanc, tmp_path):
+    """A complete phantom study whose run has been assembled and segmented; results go to the test's Orthanc."""
+    destination = DestinationSettings(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port)
+    settings = settings.model_copy(update={"dicom": settings.dicom.model_copy(update={"destinations": [destination]})})
+    study = generate_study(PhantomSpec(seed=21, slices=32, size=128, findings=["pleural_effusion:side=left"]))
+    files = write_dicom_study(study, tmp_path / "study", localizer=False, ground_truth=False).ct_files
+    _register(session_factory, settings, files)
+    with session_factory.begin() as session:
+        run_id = force_complete(session, study.uids["study"])
+    resources = WorkerResources(settings, session_factory)
+    for stage in ("assemble", "segment"):
+        assert execute_stage(resources, run_id, stage) is not None, stage
+    return resources, run_id
+
+
+def _work_dir(resources: WorkerResources, run_id: int) -> Path:
+    with resources.session_factory() as session:
+        run = session.get(PipelineRun, run_id)
+        return resources.settings.data_dir / "work" / run.study.study_instance_uid / f"run-{run.run_number}"
+
+
+def _early_record(resources: WorkerResources, run_id: int) -> dict:
+    return json.loads((_work_dir(resources, run_id) / EARLY_OBJECTS_FILE).read_text())
+
+
+def _result_rows(resources: WorkerResources, run_id: int) -> dict[str, ResultObject]:
+    with resources.session_factory() as session:
+        return {o.kind: o for o in session.scalars(select(ResultObject).where(ResultObject.run_id == run_id))}
+
+
+def _finish_run(resources: WorkerResources, run_id: int) -> None:
+    for stage in ("infer", "report", "deliver"):
+        execute_stage(resources, run_id, stage)
+    with resources.session_factory() as session:
+        run = session.get(PipelineRun, run_id)
+        assert run.state == RunState.DELIVERED, run.error
+
+
+def test_side_task_objects_are_taken_by_report_and_not_sent_again(segmented, orthanc):
+    resources, run_id = segmented
+    execute_side_task(resources, run_id, MEASUREMENTS)
+    record = _early_record(resources, run_id)
+    early = {o["kind"]: o for o in record["objects"]}
+    assert set(early) == {"seg", "measurement_sr"}
+    [(destination, delivered)] = record["delivered"].items()
+    assert sorted(delivered) == sorted(o["sop_instance_uid"] for o in early.values())
+    assert sorted(orthanc_sop_uids(orthanc)) == sorted(delivered)  # in the PACS before inference has even run
+    seg_file = resources.settings.data_dir / early["seg"]["path"]
+    written = seg_file.stat()
+
+    _finish_run(resources, run_id)
+    rows = _result_rows(resources, run_id)
+    assert set(rows) == {"seg", "measurement_sr", "findings_sr", "narrative_sr", "kos"}
+    for kind in ("seg", "measurement_sr"):
+        assert (rows[kind].sop_instance_uid, rows[kind].path) == (early[kind]["sop_instance_uid"], early[kind]["path"])
+    after = seg_file.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # taken, not encoded again
+    uids = orthanc_sop_uids(orthanc)
+    assert sorted(uids) == sorted(o.sop_instance_uid for o in rows.values())  # each object once
+    with resources.session_factory() as session:
+        [delivery] = session.scalars(select(Delivery).where(Delivery.run_id == run_id)).all()
+        side = session.scalars(select(StageRecord).where(StageRecord.run_id == run_id,
+                                                         StageRecord.stage == "measurements")).all()
+    assert delivery.destination == destination and delivery.state == "delivered"
+    assert sorted(delivery.sop_instance_uids) == sorted(uids)
+    assert [(s.outcome, s.attempt) for s in side] == [("ok", 1)]
+
+    execute_side_task(resources, run_id, MEASUREMENTS)  # a late or redelivered side task: the run is past it
+    with resources.session_factory() as session:
+        assert session.query(StageRecord).filter_by(run_id=run_id, stage="measurements").count() == 1
+
+
+def test_report_encodes_the_measurement_objects_itself_when_the_side_tasks_files_are_incomplete(segmented, orthanc):
+    resources, run_id = segmented
+    execute_side_task(resources, run_id, MEASUREMENTS)
+    early = {o["kind"]: o for o in _early_record(resources, run_id)["objects"]}
+    seg_file = resources.settings.data_dir / early["seg"]["path"]
+    side_task_bytes = seg_file.read_bytes()
+    seg_file.unlink()  # as if the side task had died while writing
+
+    _finish_run(resources, run_id)
+    rows = _result_rows(resources, run_id)
+    assert rows["seg"].sop_instance_uid == early["seg"]["sop_instance_uid"]
+    assert seg_file.read_bytes() == side_task_bytes  # the same run encodes the same object, byte for byte
+    assert sorted(orthanc_sop_uids(orthanc)) == sorted(o.sop_instance_uid for o in rows.values())
