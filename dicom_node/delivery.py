@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Delivery, ResultObject, utcnow
 from dicom_node import fastpath
 from dicom_node.security import client_ssl_context
-from omnict_node.config import DestinationSettings, Settings
+from omnict_node.config import DestinationSettings, DicomSettings, Settings
 from omnict_node.logs import log_event
 
 log = logging.getLogger("omnict.delivery")
@@ -269,6 +269,13 @@ def _send_one(assoc, fact: _FileFacts, accepted: dict[str, set[str]]) -> Instanc
     return result(status)
 
 
+def deliver_with_settings(files: Sequence[Path], destination: DestinationSettings, dicom: DicomSettings,
+                          calling_ae: str | None = None) -> DeliveryReport:
+    """:func:`deliver` as the node calls it: its AE title (unless ``calling_ae``) and its DICOM timeouts."""
+    return deliver(files, destination, calling_ae or dicom.ae_title, acse_timeout_s=dicom.acse_timeout_s,
+                   dimse_timeout_s=dicom.dimse_timeout_s, network_timeout_s=dicom.network_timeout_s)
+
+
 # -- database side -------------------------------------------------------------------------------------------------
 
 
@@ -323,10 +330,8 @@ def deliver_run(session_factory: sessionmaker[Session], settings: Settings, run_
     log_event(log, "delivery.start", run_id=run_id, delivery_id=delivery_id, destination=label, objects=len(files),
               delivered_before=len(sent_before))
     try:
-        report = deliver([path for obj, path in files if obj.sop_instance_uid not in already], destination,
-                         calling_ae or dicom.ae_title,
-                         acse_timeout_s=dicom.acse_timeout_s, dimse_timeout_s=dicom.dimse_timeout_s,
-                         network_timeout_s=dicom.network_timeout_s)
+        report = deliver_with_settings([path for obj, path in files if obj.sop_instance_uid not in already],
+                                       destination, settings.dicom, calling_ae)
     except DeliveryError as error:
         _record_failure(session_factory, delivery_id, error, final_attempt)
         raise

@@ -547,6 +547,7 @@ def _serve_store(assoc: Association, request: C_STORE, context_id: int) -> bool:
     response.AffectedSOPInstanceUID = sop_instance_uid
     response = StorageServiceClass(assoc).validate_status(status, response)
     assoc.dimse.send_msg(response, context_id)
+    _run_after_response(assoc)  # this response's own hook, never a later one's
     return True
 
 

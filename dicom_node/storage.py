@@ -76,6 +76,9 @@ class StoredInstance:
     unsynced_dir: Path | None = None  # set when store(defer_dir_sync=True) left the directory fsync to the caller
 
 
+MAX_SPARES = 16  # spare temporary files kept open at once (prepare_spare): about the series received at once
+
+
 class InstanceStore:
     """Durable, UID-addressed file store. Thread-safe; one instance is shared by all associations."""
 
@@ -139,19 +142,24 @@ class InstanceStore:
         """Create, now, the temporary file the next store into ``folder`` will write: the SCP calls this right
         after answering a C-STORE, while it waits for the sender's next instance, which takes the creation (a
         third of a millisecond here: an inode and a directory entry) off that instance's critical path. One spare
-        per folder; only for folders this store already made. A spare left by a killed process is removed like
-        any stale temporary file."""
+        per folder, only for folders this store already made, and at most :data:`MAX_SPARES` (the oldest goes:
+        the folders of ended series would otherwise each hold an open file until the SCP stops). A spare left by a
+        killed process is removed like any stale temporary file."""
         if folder not in self._known_dirs:
             return
         with self._spares_lock:
             if folder in self._spares:
                 return
         spare = self._new_temp(folder)
+        unused = [spare]
         with self._spares_lock:
             if folder not in self._spares:
                 self._spares[folder] = spare
-                return
-        _discard_temp(spare)
+                unused.clear()
+                while len(self._spares) > MAX_SPARES:  # a series that has ended keeps no file open for ever
+                    unused.append(self._spares.pop(next(iter(self._spares))))
+        for temp in unused:
+            _discard_temp(temp)
 
     def close_spares(self) -> None:
         """Remove the unused spare temporary files (when the SCP stops)."""

@@ -23,20 +23,30 @@ from reports.seg import SegmentationResult, build_segmentation
 from reports.vqa_sr import build_findings_report
 
 
+class _ObjectGroup:
+    """Datasets with their result kinds (``result_objects.kind``: seg, measurement_sr, findings_sr, narrative_sr,
+    kos), in the order they should be sent: an object before any object that references it."""
+
+    def named(self) -> list[tuple[str, Dataset]]:
+        raise NotImplementedError
+
+    def datasets(self) -> list[Dataset]:
+        return [dataset for _, dataset in self.named()]
+
+
 @dataclass(frozen=True)
-class MeasurementObjects:
+class MeasurementObjects(_ObjectGroup):
     """What the segmentation alone gives (no model answer needed): the SEG and the TID 1500 measurement SR."""
 
     segmentation: SegmentationResult
     measurement_report: Comprehensive3DSR
 
-    def datasets(self) -> list[Dataset]:
-        """SEG first: the measurement SR references it."""
-        return [self.segmentation.dataset, self.measurement_report]
+    def named(self) -> list[tuple[str, Dataset]]:
+        return [("seg", self.segmentation.dataset), ("measurement_sr", self.measurement_report)]
 
 
 @dataclass(frozen=True)
-class ReadingObjects:
+class ReadingObjects(_ObjectGroup):
     """What the model's answers give: findings SR, narrative SR and KOS."""
 
     narrative_report: EnhancedSR
@@ -44,24 +54,45 @@ class ReadingObjects:
     findings_report: ComprehensiveSR | None  # None when there were no answers
     key_objects: KeyObjectSelectionDocument | None  # None when no answer named a key image
 
-    def datasets(self) -> list[Dataset]:
-        """The findings SR before the KOS that references it."""
-        return [ds for ds in (self.findings_report, self.narrative_report, self.key_objects) if ds is not None]
+    def named(self) -> list[tuple[str, Dataset]]:
+        pairs = [("findings_sr", self.findings_report), ("narrative_sr", self.narrative_report),
+                 ("kos", self.key_objects)]
+        return [(kind, dataset) for kind, dataset in pairs if dataset is not None]
 
 
 @dataclass(frozen=True)
-class ResultObjects:
-    segmentation: SegmentationResult
-    measurement_report: Comprehensive3DSR
-    narrative_report: EnhancedSR
-    narrative_text: str
-    findings_report: ComprehensiveSR | None  # None when there were no answers
-    key_objects: KeyObjectSelectionDocument | None  # None when no answer named a key image
+class ResultObjects(_ObjectGroup):
+    """Every result object of a run: the measurement objects, then the reading objects."""
 
-    def datasets(self) -> list[Dataset]:
-        """SEG first (the measurement SR references it), then the SRs, then the KOS (it references the findings SR)."""
-        ordered = [self.segmentation.dataset, self.measurement_report, self.findings_report, self.narrative_report]
-        return [ds for ds in (*ordered, self.key_objects) if ds is not None]
+    measured: MeasurementObjects
+    reading: ReadingObjects
+
+    @property
+    def segmentation(self) -> SegmentationResult:
+        return self.measured.segmentation
+
+    @property
+    def measurement_report(self) -> Comprehensive3DSR:
+        return self.measured.measurement_report
+
+    @property
+    def narrative_report(self) -> EnhancedSR:
+        return self.reading.narrative_report
+
+    @property
+    def narrative_text(self) -> str:
+        return self.reading.narrative_text
+
+    @property
+    def findings_report(self) -> ComprehensiveSR | None:
+        return self.reading.findings_report
+
+    @property
+    def key_objects(self) -> KeyObjectSelectionDocument | None:
+        return self.reading.key_objects
+
+    def named(self) -> list[tuple[str, Dataset]]:
+        return self.measured.named() + self.reading.named()
 
     def write(self, directory: Path) -> list[Path]:
         """Write each object as a DICOM file ``<Modality>_<SOPInstanceUID>.dcm`` under ``directory``."""
@@ -97,7 +128,7 @@ def build_measurement_objects(
     """SEG of the organ masks and the TID 1500 measurement SR that references it, by ``segmentation_algorithm``."""
     segmentation = build_segmentation(source, label_map, organs, segmentation_algorithm, run)
     measurement_report = build_measurement_report(source, segmentation, organs, segmentation_algorithm, run,
-                                                  label_map, segmentation.areas)  # one pass over the volume for both
+                                                  label_map)
     return MeasurementObjects(segmentation, measurement_report)
 
 
@@ -141,7 +172,6 @@ def build_result_objects(
 ) -> ResultObjects:
     """SEG + measurement SR (by ``segmentation_algorithm``, default ``algorithm``), findings SR, narrative SR and
     KOS (by ``algorithm``), all in the source study, each in its own series, UIDs derived from ``run``."""
-    measured = build_measurement_objects(source, label_map, organs, segmentation_algorithm or algorithm, run)
-    reading = build_reading_objects(source, organs, answers, algorithm, run, narrative_template=narrative_template)
-    return ResultObjects(measured.segmentation, measured.measurement_report, reading.narrative_report,
-                         reading.narrative_text, reading.findings_report, reading.key_objects)
+    return ResultObjects(
+        build_measurement_objects(source, label_map, organs, segmentation_algorithm or algorithm, run),
+        build_reading_objects(source, organs, answers, algorithm, run, narrative_template=narrative_template))

@@ -197,26 +197,23 @@ def build_measurement_report(
     algorithm: AlgorithmInfo,
     run: RunIdentity,
     label_map: np.ndarray | None = None,
-    areas: np.ndarray | None = None,
 ) -> Comprehensive3DSR:
     """Comprehensive 3D SR (1.2.840.10008.5.1.4.1.1.88.34) holding TID 1500 with root Imaging Measurement Report
     (126000, DCM): Language, Observation Context (the algorithm as device observer), Procedure Reported (25045-6,
     LN) and one measurement group per organ. Evidence: the source images and the SEG (Current Requested Procedure
     Evidence Sequence); completion PARTIAL, verification UNVERIFIED (an algorithm's output, not a signed report).
     ``label_map`` (``(n_slices, Rows, Columns)`` in source order, as for the SEG): when given, each organ's
-    volumetric group is followed by its cross-section group (:func:`organ_cross_section_group`, see module note).
-    ``areas``: :func:`slice_areas` of ``label_map`` when already computed."""
+    volumetric group is followed by its cross-section group (:func:`organ_cross_section_group`, see module note),
+    measured on the SEG's per-slice areas of the same label map."""
     run.check_source(source)
     if not organs:
         raise ReportInputError("no organ measurements to report")
-    if label_map is not None and areas is None:
-        areas = slice_areas(label_map)
     groups: list[VolumetricROIMeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations]
     groups = []
     for organ in organs:
         groups.append(organ_measurement_group(organ, segmentation, algorithm, run))
         if label_map is not None:
-            groups.append(organ_cross_section_group(source, label_map, organ, algorithm, run, areas))
+            groups.append(organ_cross_section_group(source, label_map, organ, algorithm, run, segmentation.areas))
     report = MeasurementReport(
         observation_context=observation_context(algorithm),
         procedure_reported=coding.PROCEDURE_CT,

@@ -38,21 +38,13 @@ from torch import nn
 
 from omnict_core.training.schedule import make_scheduler
 
-#: organ groups of the patch head: name -> TotalSegmentator label names (group 0 = label 0, the last = the rest)
+#: organ groups of the patch head: name -> TotalSegmentator label names (group 0 = label 0, the last = the rest);
+#: every group between them is the one label of its name
 ORGAN_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("background", ()),
-    ("lung_upper_lobe_right", ("lung_upper_lobe_right",)),
-    ("lung_middle_lobe_right", ("lung_middle_lobe_right",)),
-    ("lung_lower_lobe_right", ("lung_lower_lobe_right",)),
-    ("lung_upper_lobe_left", ("lung_upper_lobe_left",)),
-    ("lung_lower_lobe_left", ("lung_lower_lobe_left",)),
-    ("trachea", ("trachea",)),
-    ("heart", ("heart",)),
-    ("liver", ("liver",)),
-    ("spleen", ("spleen",)),
-    ("stomach", ("stomach",)),
-    ("kidney_left", ("kidney_left",)),
-    ("kidney_right", ("kidney_right",)),
+    *((name, (name,)) for name in (
+        "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right", "lung_upper_lobe_left",
+        "lung_lower_lobe_left", "trachea", "heart", "liver", "spleen", "stomach", "kidney_left", "kidney_right")),
     ("other", ()),
 )
 #: task types turned into answer-class targets (reports are free text)

@@ -86,6 +86,19 @@ def test_objects_delivered_before_are_skipped_on_the_first_attempt_only(settings
     assert sorted(orthanc_sop_uids(orthanc)) == sorted(content.result_sop_uids)
 
 
+def test_a_retry_after_a_failed_first_attempt_sends_everything(settings, session_factory, content, orthanc):
+    """What the early delivery claims is trusted on the first attempt only: after a failure, all objects go."""
+    destination = orthanc_destination(orthanc)
+    uids = list(content.result_sop_uids)
+    orthanc.stop()
+    with pytest.raises(DeliveryError):
+        deliver_run(session_factory, settings, content.run_id, destination, delivered_before=uids[:2])
+    orthanc.start()
+    retry = deliver_run(session_factory, settings, content.run_id, destination, delivered_before=uids[:2])
+    assert sorted(r.sop_instance_uid for r in retry.delivered) == sorted(uids)
+    assert sorted(orthanc_sop_uids(orthanc)) == sorted(uids)
+
+
 def test_orthanc_down_is_transient_then_delivery_succeeds(settings, session_factory, content, orthanc):
     destination = orthanc_destination(orthanc)
     orthanc.stop()  # waits for the process to exit (its index stays locked until then)

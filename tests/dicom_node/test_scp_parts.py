@@ -26,7 +26,7 @@ from dicom_node.fastpath import (
     scan_dataset,
 )
 from dicom_node.registrar import RegistrationError, Registrar
-from dicom_node.storage import DiskWatermark, InstanceStore, StoreOutcome, dataset_offset, uid_problem
+from dicom_node.storage import MAX_SPARES, DiskWatermark, InstanceStore, StoreOutcome, dataset_offset, uid_problem
 from tests.dicom_node.scp_helpers import ct_slice
 
 
@@ -88,6 +88,21 @@ def test_spare_temporary_file_is_used_by_the_next_store_and_removed_at_close(tmp
     restarted.store("1.2", "1.2.1", "1.2.5", header, b"\x08\x00\x16\x00UI\x02\x003\x00")
     assert not list(folder.glob(".tmp-*"))
     assert sorted(p.name for p in folder.iterdir()) == ["1.2.3.dcm", "1.2.4.dcm", "1.2.5.dcm"]
+
+
+def test_spares_are_bounded_the_oldest_series_folder_losing_its_own(tmp_path):
+    """A node that runs for months receives series after series: the spares (open files) must not add up."""
+    store = _store(tmp_path)
+    header = part10_header(CTImageStorage, "1.2.3", ExplicitVRLittleEndian, "A")
+    folders = []
+    for n in range(MAX_SPARES + 3):
+        store.store("1.2", f"1.2.{n}", f"1.2.{n}.1", header, b"\x08\x00\x16\x00UI\x02\x001\x00")
+        folders.append(tmp_path / "s" / "1.2" / f"1.2.{n}")
+        store.prepare_spare(folders[-1])
+    with_spare = [f for f in folders if list(f.glob(".tmp-*"))]
+    assert with_spare == folders[3:]  # the newest MAX_SPARES folders keep theirs
+    store.close_spares()
+    assert not list((tmp_path / "s").rglob(".tmp-*"))
 
 
 def test_store_refuses_invalid_uids_as_paths(tmp_path):

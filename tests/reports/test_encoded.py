@@ -153,7 +153,7 @@ def test_declaring_a_dataset_resolves_ambiguous_vrs_as_pydicom_would(ct: Synthet
     assert out_declared.getvalue() == out_plain.getvalue()
 
 
-def test_encoded_items_refuse_other_transfer_syntaxes(ct: SyntheticCt) -> None:
+def test_encoded_items_refuse_other_transfer_syntaxes() -> None:
     dataset = Dataset()
     dataset.file_meta = pydicom.dataset.FileMetaDataset()
     dataset.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian

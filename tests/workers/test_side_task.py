@@ -16,7 +16,7 @@ from omnict_core.phantom import PhantomSpec, generate_study, write_dicom_study
 from omnict_node.config import DestinationSettings
 from tests.dicom_node.test_delivery import orthanc_sop_uids
 from tests.dicom_node.test_qr import _register
-from workers.pipeline import WorkerResources, execute_side_task, execute_stage
+from workers.pipeline import WorkerResources, execute_side_task, execute_stage, run_work_dir
 from workers.stages.measurements import MEASUREMENTS
 from workers.stages.report import EARLY_OBJECTS_FILE
 
@@ -40,7 +40,7 @@ def segmented(settings, session_factory, orthanc, tmp_path):
 def _work_dir(resources: WorkerResources, run_id: int) -> Path:
     with resources.session_factory() as session:
         run = session.get(PipelineRun, run_id)
-        return resources.settings.data_dir / "work" / run.study.study_instance_uid / f"run-{run.run_number}"
+        return run_work_dir(resources.settings, run.study.study_instance_uid, run.run_number)
 
 
 def _early_record(resources: WorkerResources, run_id: int) -> dict:
@@ -60,7 +60,9 @@ def _finish_run(resources: WorkerResources, run_id: int) -> None:
         assert run.state == RunState.DELIVERED, run.error
 
 
-def test_side_task_objects_are_taken_by_report_and_not_sent_again(segmented, orthanc):
+def test_side_task_objects_are_taken_by_report_and_not_sent_again(segmented, orthanc, monkeypatch):
+    import dicom_node.delivery
+
     resources, run_id = segmented
     execute_side_task(resources, run_id, MEASUREMENTS)
     record = _early_record(resources, run_id)
@@ -72,9 +74,15 @@ def test_side_task_objects_are_taken_by_report_and_not_sent_again(segmented, ort
     seg_file = resources.settings.data_dir / early["seg"]["path"]
     written = seg_file.stat()
 
+    sent_later: list[str] = []  # the files the deliver stage sends
+    send = dicom_node.delivery.deliver_with_settings
+    monkeypatch.setattr(dicom_node.delivery, "deliver_with_settings",
+                        lambda files, *args, **kwargs: (sent_later.extend(p.name for p in files),
+                                                        send(files, *args, **kwargs))[1])
     _finish_run(resources, run_id)
     rows = _result_rows(resources, run_id)
     assert set(rows) == {"seg", "measurement_sr", "findings_sr", "narrative_sr", "kos"}
+    assert sorted(sent_later) == sorted(Path(rows[k].path).name for k in ("findings_sr", "narrative_sr", "kos"))
     for kind in ("seg", "measurement_sr"):
         assert (rows[kind].sop_instance_uid, rows[kind].path) == (early[kind]["sop_instance_uid"], early[kind]["path"])
     after = seg_file.stat()

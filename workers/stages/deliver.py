@@ -49,14 +49,15 @@ def deliver(context: StageContext) -> dict:
     delivered = []
     sent_early = early_deliveries(context)  # by the measurements side task, while the model ran
     for destination in targets:
+        label = destination_label(destination)
         try:
             report = deliver_run(context.session_factory, context.settings, context.run_id, destination,
                                  final_attempt=context.final_attempt,
-                                 delivered_before=sent_early.get(destination_label(destination), ()))
+                                 delivered_before=sent_early.get(label, ()))
         except DeliveryError as exc:
             if exc.transient and not context.final_attempt:
                 raise  # retried with backoff by the task layer
-            raise DeliveryFailedError(f"{destination.ae_title}@{destination.host}:{destination.port}: {exc}") from exc
-        delivered.append({"destination": f"{destination.ae_title}@{destination.host}:{destination.port}",
+            raise DeliveryFailedError(f"{label}: {exc}") from exc
+        delivered.append({"destination": label,
                           "skipped": report.skipped})
     return {"destinations": delivered}

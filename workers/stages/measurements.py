@@ -29,7 +29,7 @@ log = logging.getLogger("omnict.stage.measurements")
 
 
 def publish_measurements(context: StageContext) -> dict:
-    from dicom_node.delivery import DeliveryError, deliver, destination_label
+    from dicom_node.delivery import DeliveryError, deliver_with_settings, destination_label
 
     with cyclic_gc_paused():
         source, organs, run = measurement_inputs(context)
@@ -38,14 +38,12 @@ def publish_measurements(context: StageContext) -> dict:
     with session_scope(context.session_factory) as session:
         source_ae = session.scalar(select(Study.source_ae_title)
                                    .where(Study.study_instance_uid == context.study_instance_uid))
-    dicom = context.settings.dicom
     delivered: dict[str, list[str]] = {}
     for destination in destinations_for(context.settings, source_ae):
         label = destination_label(destination)
         try:
-            report = deliver([context.settings.data_dir / f.path for f in files], destination, dicom.ae_title,
-                             acse_timeout_s=dicom.acse_timeout_s, dimse_timeout_s=dicom.dimse_timeout_s,
-                             network_timeout_s=dicom.network_timeout_s)
+            report = deliver_with_settings([context.settings.data_dir / f.path for f in files], destination,
+                                           context.settings.dicom)
         except DeliveryError as exc:  # the deliver stage sends them with the rest, with its retries
             log_event(log, "pipeline.measurements.delivery_deferred", logging.WARNING, run_id=context.run_id,
                       destination=label, transient=exc.transient)

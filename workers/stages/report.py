@@ -27,7 +27,7 @@ from db.session import session_scope
 from omnict_node.logs import log_event
 from workers.pipeline import StageContext, cyclic_gc_paused
 from workers.stages.assemble import replace_atomically, study_files_by_series
-from workers.stages.segment import LABEL_NAMES_FILE, load_label_map
+from workers.stages.segment import load_label_names, load_labels
 
 log = logging.getLogger("omnict.stage.report")
 
@@ -53,11 +53,16 @@ class ObjectFile:
     size_bytes: int
 
 
-def _object_files(context: StageContext, kinds: list[str], datasets: list, paths: list[Path]) -> list[ObjectFile]:
+def _write_object_files(context: StageContext, objects) -> list[ObjectFile]:
+    """Write a ``reports`` object group (its ``named()`` datasets) into the run's results folder."""
+    from reports import write_objects
+
+    named = objects.named()
+    paths = write_objects([dataset for _, dataset in named], results_dir(context))
     return [ObjectFile(kind, str(path.relative_to(context.settings.data_dir)), str(ds.SOPClassUID),
                        str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID),
                        path.stat().st_size)
-            for kind, ds, path in zip(kinds, datasets, paths, strict=True)]
+            for (kind, ds), path in zip(named, paths, strict=True)]
 
 
 def label_map_on_source_slices(label_map: np.ndarray, assembled: dict, n_source_slices: int) -> np.ndarray:
@@ -131,7 +136,7 @@ def _organs(context: StageContext, session, labels: dict[int, str]) -> list:
 
 def report(context: StageContext) -> dict:
     from api.worklist import refresh_worklist_item
-    from reports import build_reading_objects, write_objects
+    from reports import build_reading_objects
 
     with cyclic_gc_paused():
         source, organs, run = measurement_inputs(context)
@@ -143,11 +148,8 @@ def report(context: StageContext) -> dict:
             measured = encode_measurement_files(context, source, organs, run)
         reading = build_reading_objects(source, organs, answers, model_algorithm(context.results.get("infer", {})),
                                         run)
-        datasets = reading.datasets()
-        kinds = [kind for kind, obj in (("findings_sr", reading.findings_report), ("narrative_sr", reading.narrative_report),
-                                        ("kos", reading.key_objects)) if obj is not None]  # the order of datasets()
-        files = measured + _object_files(context, kinds, datasets, write_objects(datasets, results_dir(context)))
-    _remove_other_objects(results_dir(context), files, context.settings.data_dir)
+        files = measured + _write_object_files(context, reading)
+    _remove_other_objects(results_dir(context), files)
     with session_scope(context.session_factory) as session:
         session.execute(delete(ResultObject).where(ResultObject.run_id == context.run_id))
         for f in files:
@@ -170,7 +172,7 @@ def model_algorithm(inference: dict):
                           "protocol": str(inference.get("protocol", ""))})
 
 
-def read_source_series(context: StageContext):
+def _read_source_series(context: StageContext):
     """The headers of the analysed series (the source of every result object's patient, study and references)."""
     from reports import SourceSeries
 
@@ -178,12 +180,7 @@ def read_source_series(context: StageContext):
     return SourceSeries.from_files(study_files_by_series(context)[assembled["series_instance_uid"]])
 
 
-def load_label_names(context: StageContext) -> dict[int, str]:
-    names = json.loads((context.work_dir / LABEL_NAMES_FILE).read_text())
-    return {int(k): v for k, v in names.items()}
-
-
-def run_identity(context: StageContext, session):
+def _run_identity(context: StageContext, session):
     """The identity every object UID derives from (the same run gives the same UIDs), dated at the study's
     completion."""
     from reports import RunIdentity
@@ -195,24 +192,20 @@ def run_identity(context: StageContext, session):
 
 def measurement_inputs(context: StageContext):
     """(source series, reported organs, run identity) for the measurement objects."""
-    source = read_source_series(context)
+    source = _read_source_series(context)
     with session_scope(context.session_factory) as session:
-        return source, _organs(context, session, load_label_names(context)), run_identity(context, session)
+        return source, _organs(context, session, load_label_names(context)), _run_identity(context, session)
 
 
 def encode_measurement_files(context: StageContext, source, organs: list, run) -> list[ObjectFile]:
     """Encode and write the SEG and the TID 1500 measurement SR of the run (they depend on the segmentation only)."""
-    from reports import AlgorithmInfo, build_measurement_objects, write_objects
+    from reports import AlgorithmInfo, build_measurement_objects
 
-    label_map, _ = load_label_map(context)
-    label_map = label_map_on_source_slices(label_map, context.results["assemble"], len(source.datasets))
+    label_map = label_map_on_source_slices(load_labels(context), context.results["assemble"], len(source.datasets))
     segmentation = context.results.get("segment", {})
     algorithm = AlgorithmInfo(str(segmentation.get("backend", "unknown")),
                               str(segmentation.get("backend_version", "unknown")))
-    objects = build_measurement_objects(source, label_map, organs, algorithm, run)
-    datasets = objects.datasets()
-    paths = write_objects(datasets, results_dir(context))
-    return _object_files(context, ["seg", "measurement_sr"], datasets, paths)
+    return _write_object_files(context, build_measurement_objects(source, label_map, organs, algorithm, run))
 
 
 def record_early_objects(context: StageContext, files: list[ObjectFile], delivered: dict[str, list[str]]) -> None:
@@ -247,10 +240,10 @@ def _early_record(context: StageContext) -> dict | None:
         return None
 
 
-def _remove_other_objects(folder: Path, files: list[ObjectFile], data_dir: Path) -> None:
+def _remove_other_objects(folder: Path, files: list[ObjectFile]) -> None:
     """Remove object files of the run's folder that are not among ``files`` (left by an earlier attempt whose
     objects differed): the folder holds exactly the objects of the ``result_objects`` rows."""
-    keep = {(data_dir / f.path).name for f in files}
+    keep = {Path(f.path).name for f in files}
     for path in folder.glob("*.dcm"):
         if path.name not in keep:
             path.unlink(missing_ok=True)

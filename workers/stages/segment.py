@@ -39,8 +39,18 @@ def segmenter_for(resources: WorkerResources):
 
 def load_label_map(context: StageContext) -> tuple[np.ndarray, dict[int, str]]:
     """The label map and {value: organ name} the segment stage wrote for this run."""
+    return load_labels(context), load_label_names(context)
+
+
+def load_labels(context: StageContext) -> np.ndarray:
+    """The label map the segment stage wrote for this run."""
+    return np.load(context.work_dir / LABELS_FILE)
+
+
+def load_label_names(context: StageContext) -> dict[int, str]:
+    """{label value: organ name} the segment stage wrote for this run."""
     names = json.loads((context.work_dir / LABEL_NAMES_FILE).read_text())
-    return np.load(context.work_dir / LABELS_FILE), {int(k): v for k, v in names.items()}
+    return {int(k): v for k, v in names.items()}
 
 
 def segment(context: StageContext) -> dict:
