@@ -59,6 +59,11 @@ def orthanc_result_count(orthanc, study_uid: str) -> int:
     return len(orthanc.get_json(f"/studies/{studies[0]}/instances")) if studies else 0
 
 
+def as_utc(moment: dt.datetime) -> dt.datetime:
+    """SQLite gives naive datetimes (stored in UTC)."""
+    return moment.replace(tzinfo=dt.timezone.utc) if moment.tzinfo is None else moment
+
+
 def wait_for_warm_workers(node_dir: Path, node: NodeProcess, count: int, timeout_s: float = 300.0) -> float:
     """Seconds waited until the node's ``count`` worker processes marked themselves warm (workers.tasks.warm_marker)."""
     started = time.monotonic()
@@ -105,12 +110,16 @@ def one_run(work: Path, slices: int, size: int, seed: int, checkpoint: str | Non
         with session_scope(node.session_factory) as session:
             run = session.scalars(select(PipelineRun).join(Study)
                                   .where(Study.study_instance_uid == study.uids["study"])).one()
-            stages = {s.stage: s.duration_s for s in session.scalars(
-                select(StageRecord).where(StageRecord.run_id == run.id, StageRecord.outcome == "ok"))}
-            completed_at = run.completed_at.replace(tzinfo=dt.timezone.utc) if run.completed_at.tzinfo is None \
-                else run.completed_at
+            records = session.scalars(select(StageRecord).where(StageRecord.run_id == run.id,
+                                                                StageRecord.outcome == "ok")).all()
+            stages = {s.stage: s.duration_s for s in records}
+            completed_at = as_utc(run.completed_at)
+            # When each stage ran, in seconds after the completion decision: shows the critical path and the gaps
+            # between stages (queue hand-offs).
+            timeline = {s.stage: ((as_utc(s.started_at) - completed_at).total_seconds(),
+                                  (as_utc(s.finished_at) - completed_at).total_seconds()) for s in records}
         quiet = max(0.0, (completed_at - last_response).total_seconds())
-        return {"wall": wall, "quiet": quiet, "total": wall - quiet, "stages": stages}
+        print([l[-120:] for l in node.log_text().splitlines() if "TMP" in l]); return {"wall": wall, "quiet": quiet, "total": wall - quiet, "stages": stages, "timeline": timeline}
     finally:
         node.stop()
         orthanc.stop()
@@ -134,6 +143,10 @@ def main() -> None:
         stages = "  ".join(f"{name} {seconds:.2f} s" for name, seconds in result["stages"].items())
         print(f"run {index + 1}: last C-STORE response -> results in Orthanc {result['wall']:.2f} s; quiet period "
               f"(excluded) {result['quiet']:.2f} s; measured {result['total']:.2f} s | {stages}", flush=True)
+        timeline = "  ".join(f"{name} {start:.2f}-{end:.2f}" for name, (start, end) in
+                             sorted(result["timeline"].items(), key=lambda item: item[1]))
+        print(f"  timeline (s after the completion decision; results in Orthanc at "
+              f"{result['total']:.2f}): {timeline}", flush=True)
     # Each run's ratio from its own numbers (the median total minus medians of segmentation and inference would mix
     # runs: on a shared machine the model stages vary by seconds from run to run).
     for r in results:

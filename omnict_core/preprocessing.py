@@ -134,7 +134,9 @@ def resample_volume(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 def resample_labels(labels: np.ndarray | torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Nearest-neighbour resampling of an integer label map (2D or 3D) to ``shape``; int32."""
-    x = torch.as_tensor(np.asarray(labels)).to(torch.float32)
+    # converted by numpy, not shared with torch: the map may be a read-only memory mapping of the segment stage's file
+    x = labels.to(torch.float32) if isinstance(labels, torch.Tensor) else torch.from_numpy(
+        np.asarray(labels, dtype=np.float32))
     out = F.interpolate(x[None, None], size=tuple(shape), mode="nearest-exact")
     return out[0, 0].round().to(torch.int32)
 

@@ -117,6 +117,11 @@ class WorkerSettings(Section):
         description="The embedded worker processes, one per entry, each consuming the queues it names (comma-separated): "
                     "by default one for the models and one for encoding and delivery, so that the SEG and measurement "
                     "SR are encoded and sent while inference runs; [\"cpu,gpu\"] for a single process.")
+    embedded_threads: int | None = Field(
+        None, ge=1,
+        description="Compute threads (OMP_NUM_THREADS: torch, BLAS) of each embedded worker process; default: the "
+                    "machine's cores shared out among them (at least 1), so that inference and the encoding beside it "
+                    "do not fight over the same cores. An OMP_NUM_THREADS already set in the environment wins.")
     task_max_retries: int = 5
     retry_backoff_s: float = 5.0
     stall_timeout_s: float = Field(120.0, ge=20.0, description="A stage whose worker sent no heartbeat (every 5 s) for this "

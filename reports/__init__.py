@@ -18,6 +18,7 @@ from reports.coding import FINDINGS, Urgency, finding_code, organ_coding
 from reports.inputs import (
     AlgorithmInfo,
     OrganMeasurement,
+    SegmentLabel,
     ReportInputError,
     RunIdentity,
     SourceSeries,
@@ -36,6 +37,7 @@ __all__ = [
     "MeasurementObjects",
     "ObjectKind",
     "OrganMeasurement",
+    "SegmentLabel",
     "ReadingObjects",
     "ReportInputError",
     "ResultObjects",

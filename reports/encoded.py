@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import correct_ambiguous_vr_element, write_dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -50,6 +51,44 @@ def encode_item(dataset: Dataset, parent_encoding: str | list[str] = default_enc
     """``dataset`` as one sequence item, as pydicom writes it: Item tag, defined length, elements."""
     body = encode_explicit_le(dataset, parent_encoding)
     return _ITEM_TAG + struct.pack("<I", len(body)) + body
+
+
+class SharedLeafEncoder:
+    """Encodes many items of one shape that differ in a few values (a SEG's per-plane items: the same codes and
+    flags, a different image UID and position): each distinct leaf element — same tag, VR and value — is written by
+    pydicom once and its bytes reused; sequences and items around them are framed as pydicom frames them (defined
+    lengths). An item with an element of ambiguous VR is written by pydicom whole."""
+
+    def __init__(self, parent_encoding: str | list[str] = default_encoding) -> None:
+        self._parent_encoding = parent_encoding
+        self._leaves: dict[tuple, bytes] = {}
+
+    def item(self, dataset: Dataset) -> bytes:
+        """``dataset`` as one sequence item, the bytes :func:`encode_item` gives."""
+        if any(" or " in str(element.VR) for element in dataset._dict.values()) or "SpecificCharacterSet" in dataset:
+            return encode_item(dataset, self._parent_encoding)
+        body = b"".join(self._element(dataset[tag]) for tag in sorted(dataset._dict))
+        return _ITEM_TAG + struct.pack("<I", len(body)) + body
+
+    def _element(self, element) -> bytes:
+        if element.VR == "SQ":
+            items = b"".join(self.item(item) for item in element.value)
+            return struct.pack("<HH", element.tag.group, element.tag.elem) + b"SQ\x00\x00" + struct.pack(
+                "<I", len(items)) + items
+        key = (element.tag, element.VR, _frozen(element.value))
+        encoded = self._leaves.get(key)
+        if encoded is None:
+            single = Dataset()
+            single.add(element)
+            encoded = self._leaves[key] = encode_explicit_le(single, self._parent_encoding)
+        return encoded
+
+
+def _frozen(value) -> Hashable:
+    """A leaf value as a key: its type and its text (pydicom writes numbers as text for DS/IS, from ``str``)."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return tuple(_frozen(v) for v in value)
+    return (type(value).__name__, value if isinstance(value, (bytes, int, float)) else str(value))
 
 
 def raw_sequence(tag: int, encoded_items: Iterable[bytes]) -> RawDataElement:

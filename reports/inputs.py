@@ -131,6 +131,19 @@ def _slice_normal(ds: Dataset) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class SegmentLabel:
+    """One segmented organ as a SEG segment: its label in the label map (the SEG needs no measurement)."""
+
+    label_name: str  # TotalSegmentator-style name, e.g. "liver", "kidney_left"
+    label_value: int  # voxel value of this organ in the label map
+    coding: OrganCoding | None = None  # None: looked up from label_name in reports.coding
+
+    @property
+    def organ(self) -> OrganCoding:
+        return self.coding if self.coding is not None else organ_coding(self.label_name)
+
+
+@dataclass(frozen=True)
 class OrganMeasurement:
     """One segmented organ: its label in the label map and what was measured inside it."""
 
@@ -144,6 +157,9 @@ class OrganMeasurement:
     @property
     def organ(self) -> OrganCoding:
         return self.coding if self.coding is not None else organ_coding(self.label_name)
+
+
+SegmentedOrgan = SegmentLabel | OrganMeasurement  # what reports.seg encodes as a segment
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,20 @@ class StageContext:
     results: dict[str, Any]
     resources: "WorkerResources"
     final_attempt: bool = False  # no retry follows if this attempt fails transiently
+    # Dispatches a side task of this run by name (the task layer's; None where stages run in-process, e.g. tests).
+    side_task_starter: Callable[[str], None] | None = None
+
+    def start_side_task(self, task: "SideTask") -> None:
+        """Start ``task`` now, from inside the stage, once the outputs it needs are written (see
+        ``Stage.early_side_tasks``). A dispatch that fails is logged and the stage goes on: the main line does
+        the side task's work itself."""
+        if self.side_task_starter is None:
+            return
+        try:
+            self.side_task_starter(task.name)
+        except Exception as exc:  # noqa: BLE001 - the broker's error must not fail the stage
+            log_event(log, "pipeline.side_task.not_started", logging.WARNING, run_id=self.run_id, task=task.name,
+                      error=type(exc).__name__)
 
 
 StageFunction = Callable[[StageContext], dict[str, Any]]
@@ -89,6 +103,8 @@ class Stage:
     queue: str  # "cpu" or "gpu"
     function: StageFunction
     side_tasks: tuple[SideTask, ...] = ()  # dispatched with the next stage when this one succeeds
+    # started by the stage function itself (StageContext.start_side_task) once the outputs they need are written
+    early_side_tasks: tuple[SideTask, ...] = ()
 
 
 @dataclass
@@ -162,7 +178,7 @@ def stage_by_name(name: str) -> Stage:
 
 def side_task_by_name(name: str) -> SideTask:
     for stage in _stages():
-        for task in stage.side_tasks:
+        for task in (*stage.early_side_tasks, *stage.side_tasks):
             if task.name == name:
                 return task
     raise KeyError(f"unknown side task: {name}")
@@ -184,8 +200,10 @@ def _state_before(stage: Stage) -> RunState:
     return RunState.COMPLETE if index == 0 else stages[index - 1].state
 
 
-def execute_stage(resources: WorkerResources, run_id: int, stage_name: str, final_attempt: bool = False) -> Stage | None:
+def execute_stage(resources: WorkerResources, run_id: int, stage_name: str, final_attempt: bool = False,
+                  side_task_starter: Callable[[str], None] | None = None) -> Stage | None:
     """Run one stage of one run. Returns the next stage to dispatch, or None (done, skipped or failed).
+    ``side_task_starter(name)`` dispatches a side task of the run (see ``Stage.early_side_tasks``).
 
     Raises any transient exception for the caller's retry policy.
     """
@@ -195,6 +213,7 @@ def execute_stage(resources: WorkerResources, run_id: int, stage_name: str, fina
         return None
     context, record_id = claimed
     context.final_attempt = final_attempt
+    context.side_task_starter = side_task_starter
     started = time.monotonic()
     try:
         with Heartbeat(resources.session_factory, run_id):

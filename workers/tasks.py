@@ -132,7 +132,8 @@ def run_stage(self, run_id: int, stage_name: str) -> None:
     settings = resources.settings.workers
     final_attempt = self.request.retries >= settings.task_max_retries
     try:
-        following = execute_stage(resources, run_id, stage_name, final_attempt=final_attempt)
+        following = execute_stage(resources, run_id, stage_name, final_attempt=final_attempt,
+                                  side_task_starter=lambda name: dispatch_side_task(self.app, run_id, name))
     except Exception as exc:
         if final_attempt:
             fail_run(resources.session_factory, run_id, f"{stage_name}: {type(exc).__name__}: {exc} "
@@ -145,13 +146,17 @@ def run_stage(self, run_id: int, stage_name: str) -> None:
     if following is not None:
         dispatch_stage(self.app, run_id, following.name, following.queue)
         for task in stage_by_name(stage_name).side_tasks:
-            self.app.send_task(RUN_SIDE_TASK, args=[run_id, task.name], queue=task.queue)
+            dispatch_side_task(self.app, run_id, task.name)
 
 
 @shared_task(bind=True, name=RUN_SIDE_TASK, acks_late=True, reject_on_worker_lost=True)
 def run_side_task(self, run_id: int, task_name: str) -> None:
     """One try, no retry: when a side task fails, the main line's stages do its work (see SideTask)."""
     execute_side_task(worker_resources(self.app), run_id, side_task_by_name(task_name))
+
+
+def dispatch_side_task(app, run_id: int, task_name: str) -> None:
+    app.send_task(RUN_SIDE_TASK, args=[run_id, task_name], queue=side_task_by_name(task_name).queue)
 
 
 def dispatch_stage(app, run_id: int, stage_name: str, queue: str) -> None:

@@ -82,6 +82,7 @@ class InstanceInfo:
     frames: list[FrameGeometry]  # one per frame (one for classic single-frame images)
     pixel_padding: float | None = None
     dataset: Dataset | None = field(default=None, repr=False)  # kept when given a dataset instead of a path
+    header: Dataset | None = field(default=None, repr=False)  # the header read from ``path`` (no pixel data)
     pixel_layout: "PixelLayout | None" = field(default=None, repr=False)  # where the native pixels lie in ``path``
 
     @property
@@ -244,6 +245,7 @@ def read_instance(item: str | os.PathLike | Dataset | InstanceInfo) -> InstanceI
     except Exception as exc:  # noqa: BLE001 - any parse failure is "unreadable" for the caller
         raise NoImageError(f"{item}: not a readable DICOM file ({exc.__class__.__name__}: {exc})") from exc
     info = instance_info(ds, item)
+    info.header = ds
     info.pixel_layout = layout
     return info
 
@@ -474,12 +476,28 @@ class _Slice:
     along: float = 0.0
 
 
-def _pixels(info: InstanceInfo) -> np.ndarray:
+def _read_samples(fh, layout: PixelLayout, scratch: dict | None) -> np.ndarray:
+    """``layout.count`` samples from ``fh`` (fewer if the file is short), into a buffer of ``scratch`` reused from
+    slice to slice when given: a new 512 KB array per slice is a fresh memory mapping whose pages fault in one by
+    one, which cost more than the read itself on a 300-slice series."""
+    if scratch is None:
+        return np.fromfile(fh, dtype=layout.dtype, count=layout.count)
+    key = (np.dtype(layout.dtype).str, layout.count)
+    buffer = scratch.get(key)
+    if buffer is None:
+        buffer = scratch[key] = np.empty(layout.count, layout.dtype)
+    read = fh.readinto(memoryview(buffer).cast("B"))
+    return buffer if read == buffer.nbytes else buffer[: read // buffer.itemsize]
+
+
+def _pixels(info: InstanceInfo, scratch: dict | None = None) -> np.ndarray:
+    """The instance's frames ``(frames, rows, columns)``; with ``scratch`` (single-frame instances read straight from
+    their file) the array is a reused buffer, valid until the next call with the same ``scratch``."""
     layout = info.pixel_layout
     if layout is not None and info.path is not None and (info.dataset is None or "PixelData" not in info.dataset):
         with open(info.path, "rb") as fh:
             fh.seek(layout.offset)
-            flat = np.fromfile(fh, dtype=layout.dtype, count=layout.count)
+            flat = _read_samples(fh, layout, scratch)
         if flat.size == layout.count and info.rows * info.columns == layout.count:
             if layout.stored_mask is not None:
                 flat &= layout.stored_mask
@@ -508,19 +526,21 @@ def _decode_slices(slices: list, shape: tuple[int, int, int], dtype: Any,
         raise ValueError(f"allocate() gave {vol.dtype} {vol.shape}, needed {np.dtype(dtype)} {shape}")
     integer = vol.dtype == np.int16
     cache: dict[int, np.ndarray] = {}
+    scratch: dict = {}  # one read buffer for every single-frame slice (see _read_samples)
     padded = 0
     for k, s in enumerate(slices):
         key = id(s.info)
         if key not in cache:
-            cache[key] = _pixels(s.info)
+            cache[key] = _pixels(s.info, None if s.info.is_multiframe else scratch)
         raw = cache[key][s.frame]
         if raw.shape != shape[1:]:
             raise InconsistentGeometryError(f"pixel data {raw.shape} does not match Rows/Columns {shape[1:]}")
         if integer:
-            values = raw.astype(np.int32) + np.int32(s.geom.intercept)  # slope 1 (checked by the caller)
-            if values.size and (values.min() < -32768 or values.max() > 32767):
+            intercept = int(s.geom.intercept)  # slope 1 and an integer intercept (checked by the caller)
+            if raw.size and (int(raw.min()) + intercept < -32768 or int(raw.max()) + intercept > 32767):
                 raise _OutOfInt16
-            vol[k] = values
+            # summed in int32 by numpy's buffered loop, straight into the volume: no temporary slice array
+            np.add(raw, np.int32(intercept), out=vol[k], dtype=np.int32, casting="unsafe")
         else:
             np.multiply(raw, np.float32(s.geom.slope), out=vol[k], casting="unsafe")
             vol[k] += np.float32(s.geom.intercept)

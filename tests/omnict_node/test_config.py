@@ -68,3 +68,20 @@ def test_status_on_an_unmigrated_database_says_to_run_db_upgrade(tmp_path):
                             env=env, timeout=120)
     assert result.returncode != 0
     assert "omnict-node db upgrade" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_embedded_workers_share_the_cores_unless_configured(tmp_path, monkeypatch):
+    from omnict_node.serve import EmbeddedWorker, embedded_worker_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
+    settings = load_settings(data_dir=str(tmp_path))
+    assert settings.workers.embedded_queues == ["gpu", "cpu"]
+    assert embedded_worker_threads(settings) == 4
+    one = load_settings(data_dir=str(tmp_path), workers={"embedded_queues": ["cpu,gpu", "cpu", "cpu"] * 3})
+    assert embedded_worker_threads(one) == 1  # never fewer than one
+    configured = load_settings(data_dir=str(tmp_path), workers={"embedded_threads": 3})
+    assert embedded_worker_threads(configured) == 3
+    assert EmbeddedWorker(None, configured, "gpu")._environment()["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the operator's own setting wins
+    assert EmbeddedWorker(None, configured, "gpu")._environment()["OMP_NUM_THREADS"] == "6"

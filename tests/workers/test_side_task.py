@@ -1,6 +1,7 @@
-"""The ``measurements`` side task: the SEG and the measurement SR encoded and sent while inference runs, then taken
-by the report stage as they are and not sent again by the deliver stage. The stages run in this process, one after
-the other as the workers would run them, on the real database (SQLite and PostgreSQL) and with a real Orthanc."""
+"""The side tasks: the SEG encoded by ``segmentation`` while the segment stage measures the organs, the measurement
+SR encoded on it and both sent by ``measurements`` while inference runs, then taken by the report stage as they are
+and not sent again by the deliver stage. The stages run in this process, one after the other as the workers would
+run them, on the real database (SQLite and PostgreSQL) and with a real Orthanc."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from omnict_node.config import DestinationSettings
 from tests.dicom_node.test_delivery import orthanc_sop_uids
 from tests.dicom_node.test_qr import _register
 from workers.pipeline import WorkerResources, execute_side_task, execute_stage, run_work_dir
-from workers.stages.measurements import MEASUREMENTS
-from workers.stages.report import EARLY_OBJECTS_FILE
+from workers.stages.measurements import MEASUREMENT_RECORD, MEASUREMENTS, SEGMENTATION_OBJECT, SEGMENTATION_RECORD
 
 
 @pytest.fixture
 def segmented(settings, session_factory, orthanc, tmp_path):
-    """A complete phantom study whose run has been assembled and segmented; results go to the test's Orthanc."""
+    """A complete phantom study whose run has been assembled and segmented; results go to the test's Orthanc. The
+    side tasks the segment stage started are in ``resources.started`` with whether the label files existed then."""
     destination = DestinationSettings(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port)
     settings = settings.model_copy(update={"dicom": settings.dicom.model_copy(update={"destinations": [destination]})})
     study = generate_study(PhantomSpec(seed=21, slices=32, size=128, findings=["pleural_effusion:side=left"]))
@@ -32,8 +33,12 @@ def segmented(settings, session_factory, orthanc, tmp_path):
     with session_factory.begin() as session:
         run_id = force_complete(session, study.uids["study"])
     resources = WorkerResources(settings, session_factory)
-    for stage in ("assemble", "segment"):
-        assert execute_stage(resources, run_id, stage) is not None, stage
+    assert execute_stage(resources, run_id, "assemble") is not None
+    started = []
+    work_dir = _work_dir(resources, run_id)
+    resources.started = started
+    assert execute_stage(resources, run_id, "segment", side_task_starter=lambda name: started.append(
+        (name, (work_dir / "labels.npy").is_file() and (work_dir / "labels.json").is_file()))) is not None
     return resources, run_id
 
 
@@ -44,7 +49,7 @@ def _work_dir(resources: WorkerResources, run_id: int) -> Path:
 
 
 def _early_record(resources: WorkerResources, run_id: int) -> dict:
-    return json.loads((_work_dir(resources, run_id) / EARLY_OBJECTS_FILE).read_text())
+    return json.loads((_work_dir(resources, run_id) / MEASUREMENT_RECORD).read_text())
 
 
 def _result_rows(resources: WorkerResources, run_id: int) -> dict[str, ResultObject]:
@@ -115,3 +120,36 @@ def test_report_encodes_the_measurement_objects_itself_when_the_side_tasks_files
     assert rows["seg"].sop_instance_uid == early["seg"]["sop_instance_uid"]
     assert seg_file.read_bytes() == side_task_bytes  # the same run encodes the same object, byte for byte
     assert sorted(orthanc_sop_uids(orthanc)) == sorted(o.sop_instance_uid for o in rows.values())
+
+
+def test_segmentation_side_task_starts_with_the_label_map_and_its_seg_is_taken_as_it_is(segmented, orthanc):
+    resources, run_id = segmented
+    assert resources.started == [("segmentation", True)]  # started from inside the stage, its inputs written
+    with resources.session_factory() as session:  # the organs were measured after it was started
+        assert session.get(PipelineRun, run_id).state == RunState.SEGMENTING
+    execute_side_task(resources, run_id, SEGMENTATION_OBJECT)
+    work_dir = _work_dir(resources, run_id)
+    [seg] = json.loads((work_dir / SEGMENTATION_RECORD).read_text())["objects"]
+    seg_file = resources.settings.data_dir / seg["path"]
+    written = seg_file.stat()
+    assert orthanc_sop_uids(orthanc) == []  # encoded only: sending waits for the segment stage to end
+
+    execute_side_task(resources, run_id, MEASUREMENTS)
+    early = {o["kind"]: o for o in _early_record(resources, run_id)["objects"]}
+    assert early["seg"] == seg
+    after = seg_file.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # not encoded twice
+    sr_file = resources.settings.data_dir / early["measurement_sr"]["path"]
+    sr_bytes, seg_bytes = sr_file.read_bytes(), seg_file.read_bytes()
+    _finish_run(resources, run_id)
+    assert sorted(orthanc_sop_uids(orthanc)) == sorted(o.sop_instance_uid for o in _result_rows(resources, run_id).values())
+
+    # Without any record (every side task lost), the measurement objects come out the same, byte for byte.
+    for name in (SEGMENTATION_RECORD, MEASUREMENT_RECORD):
+        (work_dir / name).unlink()
+    with resources.session_factory.begin() as session:  # as an operator's rerun of the report stage would find it
+        session.get(PipelineRun, run_id).state = RunState.INFERRING
+    seg_file.unlink()
+    sr_file.unlink()
+    assert execute_stage(resources, run_id, "report") is not None
+    assert (seg_file.read_bytes(), sr_file.read_bytes()) == (seg_bytes, sr_bytes)

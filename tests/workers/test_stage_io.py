@@ -3,6 +3,7 @@ into its .npy file, the embedded broker's hand-off polling, the worker's warm ma
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
 
@@ -178,3 +179,33 @@ def test_cpu_worker_loads_no_model_and_a_missing_checkpoint_is_logged_not_fatal(
                for r in caplog.records), [r.getMessage() for r in caplog.records]
     with pytest.raises(PermanentStageError, match=str(missing)):  # the stage reports it, with the path
         engine_for(resources)
+
+
+def test_the_series_headers_read_by_assemble_serve_later_stages_until_a_file_changes(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    from omnict_core.io.dicom_series import select_ct_series
+    from workers.pipeline import StageContext, WorkerResources
+
+    assemble_stage = importlib.import_module("workers.stages.assemble")  # the package exports the function by that name
+
+    paths = write_series(tmp_path / "series")
+    settings = load_settings(data_dir=str(tmp_path / "node"))
+    context = StageContext(1, 1, "1.2.3", settings, None, tmp_path / "work", {"assemble": {"series_instance_uid": "s"}},
+                           WorkerResources(settings, session_factory=None))
+    monkeypatch.setattr(assemble_stage, "study_files_by_series", lambda _context: {"s": paths})
+    choice = select_ct_series({"s": paths})
+    assemble_stage._remember_source_headers(context, paths, choice.instances)
+
+    cached = assemble_stage.source_series(context)
+    headers = [i.header for i in choice.instances]
+    assert all(any(ds is header for header in headers) for ds in cached.datasets)  # the very headers, not re-read
+    assert [float(ds.ImagePositionPatient[2]) for ds in cached.datasets] == [40.0, 42.5, 45.0, 47.5, 50.0]
+    assert assemble_stage.source_series(context) is cached
+
+    replaced = pydicom.dcmread(paths[0])  # the PACS sends an instance again: a new file in its place
+    replaced.SeriesDescription = "re-sent"
+    replaced.save_as(paths[0].with_suffix(".new"), enforce_file_format=True)
+    paths[0].with_suffix(".new").replace(paths[0])
+    fresh = assemble_stage.source_series(context)
+    assert fresh is not cached
+    assert fresh.dataset_for(str(replaced.SOPInstanceUID)).SeriesDescription == "re-sent"

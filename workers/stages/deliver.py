@@ -37,7 +37,7 @@ def destinations_for(settings: Settings, source_ae_title: str | None) -> list[De
 
 def deliver(context: StageContext) -> dict:
     from dicom_node.delivery import DeliveryError, deliver_run, destination_label
-    from workers.stages.report import early_deliveries
+    from workers.stages.measurements import early_deliveries
 
     with session_scope(context.session_factory) as session:
         source_ae = session.scalar(select(Study.source_ae_title)

@@ -1,40 +1,171 @@
-"""Side task after segment (cpu queue): encode the SEG and the TID 1500 measurement SR, which need no model answer,
-and send them to the destinations while the gpu worker runs inference.
+"""The objects the segmentation alone gives — the SEG and the TID 1500 measurement SR — encoded and sent by two side
+tasks on the cpu queue while the gpu worker runs the models:
 
-Not a stage of the run's state machine (see ``workers.pipeline.SideTask``): the run never waits for it and cannot
-fail by it. The report stage takes its files when they are all there (they are byte for byte what that stage would
-write: content and UIDs derive from the run), and the deliver stage, on its first attempt, does not send again what
-it delivered. When it has not finished (still running, failed, its worker died) those stages do the work themselves;
-the price is time, never a missing or a duplicated object (the UIDs are the same, so a second C-STORE replaces).
+* ``segmentation``: started by the segment stage as soon as its label map is written; encodes the SEG while that
+  stage measures the organs.
+* ``measurements``: after the segment stage; encodes the measurement SR (it needs the organ measurements) on the SEG
+  the first task wrote, and sends both to the destinations while inference runs.
 
-Its record, ``<work dir>/measurement_objects.json``, holds the object files and, per destination, the SOP Instance
-UIDs delivered there.
+Neither is a stage of the run's state machine (see ``workers.pipeline.SideTask``): the run never waits for them and
+cannot fail by them. Whatever they have not done when a later step needs it (still running, failed, their worker
+died), that step does itself: :func:`measurement_files` takes what is recorded and intact and encodes the rest. The
+price is time, never a missing or a duplicated object: the same run encodes the same bytes, under the same UIDs, so a
+second C-STORE replaces.
+
+Records in the run's work folder:
+
+* ``segmentation_object.json``: the SEG file and its segments (label name and value, in Segment Number order), with
+  ``segmentation_areas.npy`` (the per-slice label counts, which the measurement SR reuses);
+* ``measurement_objects.json``: the SEG and SR files and, per destination, the SOP Instance UIDs delivered there
+  (the deliver stage's first attempt does not send those again).
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 from sqlalchemy import select
 
+from db.models import OrganMeasurement as MeasuredOrgan
 from db.models import RunState, Study
 from db.session import session_scope
 from omnict_node.logs import log_event
 from workers.celery_app import CPU_QUEUE
 from workers.pipeline import SideTask, StageContext, cyclic_gc_paused
-from workers.stages.deliver import destinations_for
-from workers.stages.report import encode_measurement_files, measurement_inputs, record_early_objects
+from workers.stages.assemble import replace_atomically, source_series
+from workers.stages.objects import (
+    ObjectFile,
+    as_record,
+    label_map_on_source_slices,
+    object_files,
+    read_record,
+    run_identity,
+    write_object_files,
+    write_record,
+)
+from workers.stages.segment import load_label_names, load_labels, load_segmentation_algorithm
 
 log = logging.getLogger("omnict.stage.measurements")
+
+SEGMENTATION_RECORD = "segmentation_object.json"
+SEGMENTATION_AREAS = "segmentation_areas.npy"
+MEASUREMENT_RECORD = "measurement_objects.json"
+
+
+def segment_labels(context: StageContext) -> list:
+    """The SEG's segments (``reports.SegmentLabel``): every label of the run's label map that has a SNOMED CT
+    coding, in label value order; a label without one cannot be a segment (logged, and left out of every object)."""
+    from reports import SegmentLabel
+    from reports.coding import organ_coding
+
+    labels = []
+    for value, name in sorted(load_label_names(context).items()):
+        try:
+            organ_coding(name)
+        except KeyError:
+            if name != "body":
+                log_event(log, "pipeline.report.organ_skipped", run_id=context.run_id, organ=name)
+            continue
+        labels.append(SegmentLabel(name, value))
+    return labels
+
+
+def measured_organs(context: StageContext, labels: list) -> list:
+    """The segments' organ measurements (``reports.OrganMeasurement``), in segment order; a segment the segment
+    stage did not measure is left out."""
+    from reports import OrganMeasurement
+
+    with session_scope(context.session_factory) as session:
+        measured = {m.organ: m for m in session.scalars(
+            select(MeasuredOrgan).where(MeasuredOrgan.run_id == context.run_id))}
+    return [OrganMeasurement(label.label_name, label.label_value, m.volume_ml, m.mean_hu, m.std_hu)
+            for label in labels if (m := measured.get(label.label_name)) is not None]
+
+
+def source_label_map(context: StageContext, n_source_slices: int) -> np.ndarray:
+    """The run's label map with one plane per source image (read-only, mapped from the segment stage's file)."""
+    return label_map_on_source_slices(load_labels(context), context.results["assemble"], n_source_slices)
+
+
+def _segments(labels: list) -> list[list]:
+    return [[label.label_name, label.label_value] for label in labels]
+
+
+def encode_segmentation(context: StageContext, source, run) -> ObjectFile:
+    """Encode and write the run's SEG, its per-slice label counts, and its record."""
+    from reports import build_segmentation
+
+    labels = segment_labels(context)
+    result = build_segmentation(source, source_label_map(context, len(source.datasets)), labels,
+                                load_segmentation_algorithm(context), run)
+    [seg_file] = write_object_files(context, [("seg", result.dataset)])
+    replace_atomically(context.work_dir / SEGMENTATION_AREAS, lambda fh: np.save(fh, result.areas))
+    write_record(context, SEGMENTATION_RECORD, {"objects": as_record([seg_file]), "segments": _segments(labels)})
+    return seg_file
+
+
+def segmentation_file(context: StageContext, source, run) -> ObjectFile:
+    """The run's SEG: the recorded one when it is intact and made of the run's segments, else encoded now."""
+    record = read_record(context, SEGMENTATION_RECORD)
+    recorded = object_files(record, "objects", context.settings.data_dir)
+    if (recorded and record.get("segments") == _segments(segment_labels(context))
+            and (context.work_dir / SEGMENTATION_AREAS).is_file()):
+        return recorded[0]
+    return encode_segmentation(context, source, run)
+
+
+def _segmentation_as_referenced(context: StageContext, seg_file: ObjectFile, labels: list):
+    """The SEG as the measurement SR references it: the header of its file (the SR takes its UIDs and referenced
+    series from it, whichever task wrote it), Segment Numbers in ``labels`` order, the recorded per-slice counts."""
+    import pydicom
+
+    from reports import SegmentationResult
+
+    header = pydicom.dcmread(context.settings.data_dir / seg_file.path, stop_before_pixels=True)
+    return SegmentationResult(header, {label.label_name: n for n, label in enumerate(labels, start=1)},
+                              np.load(context.work_dir / SEGMENTATION_AREAS))
+
+
+def recorded_measurement_files(context: StageContext) -> list[ObjectFile] | None:
+    """The SEG and measurement SR the ``measurements`` side task recorded, or None unless all are intact."""
+    return object_files(read_record(context, MEASUREMENT_RECORD), "objects", context.settings.data_dir)
+
+
+def measurement_files(context: StageContext, source, run) -> list[ObjectFile]:
+    """The run's SEG and TID 1500 measurement SR: as recorded when intact, else the SEG (:func:`segmentation_file`)
+    and the measurement SR encoded on it now."""
+    recorded = recorded_measurement_files(context)
+    if recorded is not None:
+        return recorded
+    from reports import build_measurement_report
+
+    seg_file = segmentation_file(context, source, run)
+    labels = segment_labels(context)
+    report = build_measurement_report(source, _segmentation_as_referenced(context, seg_file, labels),
+                                      measured_organs(context, labels), load_segmentation_algorithm(context), run,
+                                      source_label_map(context, len(source.datasets)))
+    return [seg_file, *write_object_files(context, [("measurement_sr", report)])]
+
+
+def early_deliveries(context: StageContext) -> dict[str, list[str]]:
+    """Per destination label, the SOP Instance UIDs the ``measurements`` side task delivered (empty when none)."""
+    return dict((read_record(context, MEASUREMENT_RECORD) or {}).get("delivered", {}))
+
+
+def publish_segmentation(context: StageContext) -> dict:
+    with cyclic_gc_paused():
+        seg_file = segmentation_file(context, source_series(context), run_identity(context))
+    return {"size_bytes": seg_file.size_bytes}
 
 
 def publish_measurements(context: StageContext) -> dict:
     from dicom_node.delivery import DeliveryError, deliver_with_settings, destination_label
+    from workers.stages.deliver import destinations_for
 
     with cyclic_gc_paused():
-        source, organs, run = measurement_inputs(context)
-        files = encode_measurement_files(context, source, organs, run)
-    record_early_objects(context, files, {})  # the report stage may take the files from now on
+        files = measurement_files(context, source_series(context), run_identity(context))
+    write_record(context, MEASUREMENT_RECORD, {"objects": as_record(files), "delivered": {}})
     with session_scope(context.session_factory) as session:
         source_ae = session.scalar(select(Study.source_ae_title)
                                    .where(Study.study_instance_uid == context.study_instance_uid))
@@ -52,9 +183,15 @@ def publish_measurements(context: StageContext) -> dict:
         if not report.ok:
             log_event(log, "pipeline.measurements.delivery_deferred", logging.WARNING, run_id=context.run_id,
                       destination=label, failed=len(report.failed))
-    record_early_objects(context, files, delivered)
+    write_record(context, MEASUREMENT_RECORD, {"objects": as_record(files), "delivered": delivered})
     return {"objects": len(files), "destinations": len(delivered)}
 
+
+SEGMENTATION_OBJECT = SideTask(
+    "segmentation", CPU_QUEUE, publish_segmentation,
+    # from the moment the segment stage has written its label map until inference ends
+    while_states=frozenset({RunState.SEGMENTING, RunState.INFERRING}),
+)
 
 MEASUREMENTS = SideTask(
     "measurements", CPU_QUEUE, publish_measurements,
