@@ -19,8 +19,9 @@
 * Stage times come from the node's own records (``run_stages``). Segmentation = the segment stage (the segmenter
   and the organ measurements it records), inference = the infer stage (resampling to the model's grid and the
   question battery with the report). Overhead = everything else: completion hand-off, queueing, assembling,
-  reporting, delivery. The ``measurements`` side task (SEG and measurement SR encoded and sent by the cpu worker
-  while the gpu worker runs inference) is printed with the stages; it overlaps them, so only the wall clock counts.
+  reporting, delivery. The side tasks on the cpu worker — ``segmentation`` (the SEG, from the moment the label map is
+  written) and ``measurements`` (the measurement SR, and both sent while the gpu worker runs inference) — are
+  printed with the stages; they overlap them, so only the wall clock counts. The timeline line shows when each ran.
   Last line:
   ``overhead_ratio=<(total - segmentation - inference) / total>`` (goal <= 0.20), with ``--runs N`` the median of
   the runs' own ratios.
@@ -119,7 +120,7 @@ def one_run(work: Path, slices: int, size: int, seed: int, checkpoint: str | Non
             timeline = {s.stage: ((as_utc(s.started_at) - completed_at).total_seconds(),
                                   (as_utc(s.finished_at) - completed_at).total_seconds()) for s in records}
         quiet = max(0.0, (completed_at - last_response).total_seconds())
-        print([l[-120:] for l in node.log_text().splitlines() if "TMP" in l]); return {"wall": wall, "quiet": quiet, "total": wall - quiet, "stages": stages, "timeline": timeline}
+        return {"wall": wall, "quiet": quiet, "total": wall - quiet, "stages": stages, "timeline": timeline}
     finally:
         node.stop()
         orthanc.stop()

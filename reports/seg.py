@@ -25,7 +25,7 @@ class SegmentationResult:
     """The SEG dataset, which Segment Number (0062,0004) each organ label name received, and the label map's
     per-slice label counts (:func:`slice_areas`, reused by the measurement report)."""
 
-    dataset: Dataset  # highdicom's Segmentation, its frames expanded (a plain dataset: see build_segmentation)
+    dataset: Dataset  # the SEG as built (see build_segmentation), or its file's header read back
     segment_numbers: Mapping[str, int]
     areas: np.ndarray
 
@@ -213,7 +213,7 @@ def _expand_frames(seg: hd.seg.Segmentation, source: SourceSeries, label_map: np
             if present[plane, number - 1]:
                 encoded_items.append(plane_items[plane][1].for_segment(number))
                 frames.append(label_map[plane] == organ.label_value)
-    dataset = Dataset(dict(seg._dict))
+    dataset = Dataset(dict(seg.items()))
     dataset.file_meta = seg.file_meta
     dataset[PER_FRAME_FUNCTIONAL_GROUPS] = raw_sequence(PER_FRAME_FUNCTIONAL_GROUPS, encoded_items)
     dataset.NumberOfFrames = len(frames)

@@ -42,9 +42,10 @@ HIGHDICOM_TABLES = ("get_iod_module_map", "get_module_attribute_map")
 
 @worker_process_init.connect  # every process that runs tasks (the solo pool's own process sends it too)
 def start_preloading(sender=None, **_) -> None:
-    """Preload in the background: a task that arrives meanwhile is not held up (it imports what it needs itself;
-    Python's import lock makes the two wait for each other on a module, never import it twice). A worker that
-    consumes the gpu queue also loads its models (segmenter, OmniCT engine) into the process's resources, as its
+    """Preload in the background. A task that arrives meanwhile waits for the imports (:func:`wait_for_imports`):
+    two threads importing the same packages at once can see a module half initialised (pydicom's circular imports
+    raised ImportError in a task that raced the preload, and left the process's modules broken). A worker that
+    consumes the gpu queue then loads its models (segmenter, OmniCT engine) into the process's resources, as its
     first segment / infer task would (``WorkerResources.get_or_create``: loaded once, a task that needs one meanwhile
     waits for it). When done, the process marks itself warm (:func:`warm_marker`)."""
     app = getattr(sender, "app", None) or current_app
@@ -52,9 +53,13 @@ def start_preloading(sender=None, **_) -> None:
     # Read here, in the worker's own thread (Celery's current app is per thread); the resources the tasks will use.
     models_to = worker_resources(app) if settings is not None and GPU_QUEUE in getattr(app, "omnict_queues", ()) \
         else None
+    imported = app.omnict_imported = threading.Event()
 
     def preload() -> None:
-        import_stage_dependencies()
+        try:
+            import_stage_dependencies()
+        finally:
+            imported.set()
         if models_to is not None:
             load_models(models_to)
         freeze_long_lived_objects()  # the modules just imported live as long as the process
@@ -117,6 +122,13 @@ def load_models(resources: WorkerResources) -> None:
             log_event(log, "worker.model_loaded", model=name)
 
 
+def wait_for_imports(app, timeout_s: float = 300.0) -> None:
+    """Until the worker's preload has imported the stage dependencies (no wait outside a preloading worker)."""
+    imported = getattr(app, "omnict_imported", None)
+    if imported is not None and not imported.wait(timeout_s):
+        log_event(log, "worker.preload_slow", logging.WARNING, waited_s=timeout_s)
+
+
 def worker_resources(app) -> WorkerResources:
     """The process's resources, created on first use and kept warm (models stay loaded between tasks)."""
     resources = getattr(app, "omnict_resources", None)
@@ -128,6 +140,7 @@ def worker_resources(app) -> WorkerResources:
 
 @shared_task(bind=True, name=RUN_STAGE, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def run_stage(self, run_id: int, stage_name: str) -> None:
+    wait_for_imports(self.app)
     resources = worker_resources(self.app)
     settings = resources.settings.workers
     final_attempt = self.request.retries >= settings.task_max_retries
@@ -152,6 +165,7 @@ def run_stage(self, run_id: int, stage_name: str) -> None:
 @shared_task(bind=True, name=RUN_SIDE_TASK, acks_late=True, reject_on_worker_lost=True)
 def run_side_task(self, run_id: int, task_name: str) -> None:
     """One try, no retry: when a side task fails, the main line's stages do its work (see SideTask)."""
+    wait_for_imports(self.app)
     execute_side_task(worker_resources(self.app), run_id, side_task_by_name(task_name))
 
 

@@ -153,3 +153,23 @@ def test_segmentation_side_task_starts_with_the_label_map_and_its_seg_is_taken_a
     sr_file.unlink()
     assert execute_stage(resources, run_id, "report") is not None
     assert (seg_file.read_bytes(), sr_file.read_bytes()) == (seg_bytes, sr_bytes)
+
+
+def test_a_seg_encoded_from_an_earlier_label_map_is_encoded_again(segmented):
+    import numpy as np
+
+    resources, run_id = segmented
+    execute_side_task(resources, run_id, SEGMENTATION_OBJECT)
+    work_dir = _work_dir(resources, run_id)
+    [seg] = json.loads((work_dir / SEGMENTATION_RECORD).read_text())["objects"]
+    seg_file = resources.settings.data_dir / seg["path"]
+    first = seg_file.stat()
+    labels = np.load(work_dir / "labels.npy")  # a retried segment stage writes its label map again
+    with open(work_dir / "labels.npy.new", "wb") as fh:
+        np.save(fh, labels)
+    (work_dir / "labels.npy.new").replace(work_dir / "labels.npy")
+
+    execute_side_task(resources, run_id, MEASUREMENTS)
+    again = seg_file.stat()
+    assert (again.st_ino, again.st_mtime_ns) != (first.st_ino, first.st_mtime_ns)
+    assert json.loads((work_dir / SEGMENTATION_RECORD).read_text())["objects"] == [seg]  # the same object, anew

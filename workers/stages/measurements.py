@@ -44,7 +44,7 @@ from workers.stages.objects import (
     write_object_files,
     write_record,
 )
-from workers.stages.segment import load_label_names, load_labels, load_segmentation_algorithm
+from workers.stages.segment import LABELS_FILE, load_label_names, load_labels, load_segmentation_algorithm
 
 log = logging.getLogger("omnict.stage.measurements")
 
@@ -55,20 +55,21 @@ MEASUREMENT_RECORD = "measurement_objects.json"
 
 def segment_labels(context: StageContext) -> list:
     """The SEG's segments (``reports.SegmentLabel``): every label of the run's label map that has a SNOMED CT
-    coding, in label value order; a label without one cannot be a segment (logged, and left out of every object)."""
+    coding, in label value order; a label without one cannot be a segment and is left out of every object."""
     from reports import SegmentLabel
+
+    return [SegmentLabel(name, value) for value, name in sorted(load_label_names(context).items())
+            if _has_coding(name)]
+
+
+def _has_coding(label_name: str) -> bool:
     from reports.coding import organ_coding
 
-    labels = []
-    for value, name in sorted(load_label_names(context).items()):
-        try:
-            organ_coding(name)
-        except KeyError:
-            if name != "body":
-                log_event(log, "pipeline.report.organ_skipped", run_id=context.run_id, organ=name)
-            continue
-        labels.append(SegmentLabel(name, value))
-    return labels
+    try:
+        organ_coding(label_name)
+    except KeyError:
+        return False
+    return True
 
 
 def measured_organs(context: StageContext, labels: list) -> list:
@@ -96,20 +97,33 @@ def encode_segmentation(context: StageContext, source, run) -> ObjectFile:
     """Encode and write the run's SEG, its per-slice label counts, and its record."""
     from reports import build_segmentation
 
+    made_from = _label_map_version(context)  # before reading it: a newer map makes this SEG's record stale
     labels = segment_labels(context)
+    for name in sorted(set(load_label_names(context).values()) - {label.label_name for label in labels} - {"body"}):
+        log_event(log, "pipeline.report.organ_skipped", run_id=context.run_id, organ=name)  # no SNOMED CT coding
     result = build_segmentation(source, source_label_map(context, len(source.datasets)), labels,
                                 load_segmentation_algorithm(context), run)
     [seg_file] = write_object_files(context, [("seg", result.dataset)])
     replace_atomically(context.work_dir / SEGMENTATION_AREAS, lambda fh: np.save(fh, result.areas))
-    write_record(context, SEGMENTATION_RECORD, {"objects": as_record([seg_file]), "segments": _segments(labels)})
+    write_record(context, SEGMENTATION_RECORD, {"objects": as_record([seg_file]), "segments": _segments(labels),
+                                                "label_map": made_from})
     return seg_file
 
 
+def _label_map_version(context: StageContext) -> list:
+    """Which label map file this is (the segment stage writes a new file, never into the old one: a retried stage
+    that segmented differently makes a SEG encoded before it stale)."""
+    stat = (context.work_dir / LABELS_FILE).stat()
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+
+
 def segmentation_file(context: StageContext, source, run) -> ObjectFile:
-    """The run's SEG: the recorded one when it is intact and made of the run's segments, else encoded now."""
+    """The run's SEG: the recorded one when it is intact and made of the run's current label map, else encoded
+    now."""
     record = read_record(context, SEGMENTATION_RECORD)
     recorded = object_files(record, "objects", context.settings.data_dir)
-    if (recorded and record.get("segments") == _segments(segment_labels(context))
+    if (recorded and record.get("label_map") == _label_map_version(context)
+            and record.get("segments") == _segments(segment_labels(context))
             and (context.work_dir / SEGMENTATION_AREAS).is_file()):
         return recorded[0]
     return encode_segmentation(context, source, run)
