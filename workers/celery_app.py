@@ -18,8 +18,9 @@ GPU_QUEUE = "gpu"
 
 # How often an idle worker looks into the embedded broker's queue folder (kombu's default is 1 s). Every stage hand-off
 # waits for the next poll, so the default cost up to 1 s per stage (~0.5 s on average, five hand-offs per run); a
-# poll is one listdir() per queue, so 20 polls a second cost nothing measurable.
-FILESYSTEM_POLLING_INTERVAL_S = 0.05
+# poll is one listdir() per queue: 50 polls a second cost an idle worker well under 1 % of a core, and the four
+# hand-offs on a run's critical path wait 10 ms each on average instead of 25 (at 0.05 s).
+FILESYSTEM_POLLING_INTERVAL_S = 0.02
 
 
 def make_celery(settings: Settings) -> Celery:

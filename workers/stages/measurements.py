@@ -23,6 +23,7 @@ Records in the run's work folder:
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from sqlalchemy import select
@@ -146,20 +147,26 @@ def recorded_measurement_files(context: StageContext) -> list[ObjectFile] | None
     return object_files(read_record(context, MEASUREMENT_RECORD), "objects", context.settings.data_dir)
 
 
+def measurement_report_file(context: StageContext, source, run, seg_file: ObjectFile) -> ObjectFile:
+    """Encode and write the run's TID 1500 measurement SR on the SEG in ``seg_file``."""
+    from reports import build_measurement_report
+
+    labels = segment_labels(context)
+    report = build_measurement_report(source, _segmentation_as_referenced(context, seg_file, labels),
+                                      measured_organs(context, labels), load_segmentation_algorithm(context), run,
+                                      source_label_map(context, len(source.datasets)))
+    [report_file] = write_object_files(context, [("measurement_sr", report)])
+    return report_file
+
+
 def measurement_files(context: StageContext, source, run) -> list[ObjectFile]:
     """The run's SEG and TID 1500 measurement SR: as recorded when intact, else the SEG (:func:`segmentation_file`)
     and the measurement SR encoded on it now."""
     recorded = recorded_measurement_files(context)
     if recorded is not None:
         return recorded
-    from reports import build_measurement_report
-
     seg_file = segmentation_file(context, source, run)
-    labels = segment_labels(context)
-    report = build_measurement_report(source, _segmentation_as_referenced(context, seg_file, labels),
-                                      measured_organs(context, labels), load_segmentation_algorithm(context), run,
-                                      source_label_map(context, len(source.datasets)))
-    return [seg_file, *write_object_files(context, [("measurement_sr", report)])]
+    return [seg_file, measurement_report_file(context, source, run, seg_file)]
 
 
 def early_deliveries(context: StageContext) -> dict[str, list[str]]:
@@ -174,22 +181,43 @@ def publish_segmentation(context: StageContext) -> dict:
 
 
 def publish_measurements(context: StageContext) -> dict:
-    from dicom_node.delivery import DeliveryError, deliver_with_settings, destination_label
-    from workers.stages.deliver import destinations_for
-
-    with cyclic_gc_paused():
-        files = measurement_files(context, source_series(context), run_identity(context))
-    write_record(context, MEASUREMENT_RECORD, {"objects": as_record(files), "delivered": {}})
     with session_scope(context.session_factory) as session:
         source_ae = session.scalar(select(Study.source_ae_title)
                                    .where(Study.study_instance_uid == context.study_instance_uid))
+    from workers.stages.deliver import destinations_for
+
+    targets = destinations_for(context.settings, source_ae)
+    recorded = recorded_measurement_files(context)
+    seg_sent = None
+    with cyclic_gc_paused(), ThreadPoolExecutor(1, thread_name_prefix="send-seg") as sender:
+        source, run = source_series(context), run_identity(context)
+        if recorded is not None:
+            files = recorded
+        else:
+            seg_file = segmentation_file(context, source, run)
+            # The PACS takes ~0.3 s to store a 300-slice study's SEG (28 MB): it is sent while the SR is encoded.
+            seg_sent = sender.submit(_send, context, [seg_file], targets)
+            files = [seg_file, measurement_report_file(context, source, run, seg_file)]
+        write_record(context, MEASUREMENT_RECORD, {"objects": as_record(files), "delivered": {}})
+        delivered = seg_sent.result() if seg_sent is not None else {}
+    for label, uids in _send(context, files[1:] if seg_sent is not None else files, targets).items():
+        delivered[label] = [*delivered.get(label, []), *uids]
+    write_record(context, MEASUREMENT_RECORD, {"objects": as_record(files), "delivered": delivered})
+    return {"objects": len(files), "destinations": len(delivered)}
+
+
+def _send(context: StageContext, files: list[ObjectFile], targets: list) -> dict[str, list[str]]:
+    """C-STORE ``files`` to each destination; per destination label, the SOP Instance UIDs it holds now. What could
+    not go (the destination down, an object refused) is logged and left to the deliver stage, with its retries."""
+    from dicom_node.delivery import DeliveryError, deliver_with_settings, destination_label
+
     delivered: dict[str, list[str]] = {}
-    for destination in destinations_for(context.settings, source_ae):
+    for destination in targets:
         label = destination_label(destination)
         try:
             report = deliver_with_settings([context.settings.data_dir / f.path for f in files], destination,
                                            context.settings.dicom)
-        except DeliveryError as exc:  # the deliver stage sends them with the rest, with its retries
+        except DeliveryError as exc:
             log_event(log, "pipeline.measurements.delivery_deferred", logging.WARNING, run_id=context.run_id,
                       destination=label, transient=exc.transient)
             continue
@@ -197,8 +225,7 @@ def publish_measurements(context: StageContext) -> dict:
         if not report.ok:
             log_event(log, "pipeline.measurements.delivery_deferred", logging.WARNING, run_id=context.run_id,
                       destination=label, failed=len(report.failed))
-    write_record(context, MEASUREMENT_RECORD, {"objects": as_record(files), "delivered": delivered})
-    return {"objects": len(files), "destinations": len(delivered)}
+    return delivered
 
 
 SEGMENTATION_OBJECT = SideTask(
