@@ -136,7 +136,10 @@ def test_worker_marks_itself_warm_after_preloading(tmp_path: Path) -> None:
     marker = warm_marker(settings.data_dir, __import__("os").getpid())
     import sys
 
+    from celery import current_app
+
     assert {"reports", "dicom_node.delivery", "api.worklist"} <= set(sys.modules)
+    assert current_app.omnict_imported.is_set()  # tasks go ahead at once (wait_for_imports): no import races preload
     remove_warm_marker()
     assert not marker.exists()
 
