@@ -19,7 +19,7 @@
 * Stage times come from the node's own records (``run_stages``). Segmentation = the segment stage (the segmenter
   and the organ measurements it records), inference = the infer stage (resampling to the model's grid and the
   question battery with the report). Overhead = everything else: completion hand-off, queueing, assembling,
-  reporting, delivery. The side tasks on the cpu worker — ``segmentation`` (the SEG, from the moment the label map is
+  reporting, delivery. The side tasks on the cpu worker — ``seg_object`` (the SEG, from the moment the label map is
   written) and ``measurements`` (the measurement SR, and both sent while the gpu worker runs inference) — are
   printed with the stages; they overlap them, so only the wall clock counts. The timeline line shows when each ran.
   Last line:

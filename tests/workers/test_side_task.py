@@ -1,4 +1,4 @@
-"""The side tasks: the SEG encoded by ``segmentation`` while the segment stage measures the organs, the measurement
+"""The side tasks: the SEG encoded by ``seg_object`` while the segment stage measures the organs, the measurement
 SR encoded on it and both sent by ``measurements`` while inference runs, then taken by the report stage as they are
 and not sent again by the deliver stage. The stages run in this process, one after the other as the workers would
 run them, on the real database (SQLite and PostgreSQL) and with a real Orthanc."""
@@ -124,7 +124,7 @@ def test_report_encodes_the_measurement_objects_itself_when_the_side_tasks_files
 
 def test_segmentation_side_task_starts_with_the_label_map_and_its_seg_is_taken_as_it_is(segmented, orthanc):
     resources, run_id = segmented
-    assert resources.started == [("segmentation", True)]  # started from inside the stage, its inputs written
+    assert resources.started == [("seg_object", True)]  # started from inside the stage, its inputs written
     with resources.session_factory() as session:  # the organs were measured after it was started
         assert session.get(PipelineRun, run_id).state == RunState.SEGMENTING
     execute_side_task(resources, run_id, SEGMENTATION_OBJECT)

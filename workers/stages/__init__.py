@@ -1,5 +1,5 @@
 """The pipeline's stages, in order. Each module holds one stage function ``(StageContext) -> dict``; the segment stage
-also starts two side tasks (workers/stages/measurements.py): ``segmentation`` (the SEG, encoded as soon as the label
+also starts two side tasks (workers/stages/measurements.py): ``seg_object`` (the SEG, encoded as soon as the label
 map is written) and ``measurements`` (the measurement SR, and both sent while inference runs)."""
 
 from db.models import RunState

@@ -1,7 +1,7 @@
 """The objects the segmentation alone gives — the SEG and the TID 1500 measurement SR — encoded and sent by two side
 tasks on the cpu queue while the gpu worker runs the models:
 
-* ``segmentation``: started by the segment stage as soon as its label map is written; encodes the SEG while that
+* ``seg_object``: started by the segment stage as soon as its label map is written; encodes the SEG while that
   stage measures the organs.
 * ``measurements``: after the segment stage; encodes the measurement SR (it needs the organ measurements) on the SEG
   the first task wrote, and sends both to the destinations while inference runs.
@@ -174,7 +174,7 @@ def early_deliveries(context: StageContext) -> dict[str, list[str]]:
     return dict((read_record(context, MEASUREMENT_RECORD) or {}).get("delivered", {}))
 
 
-def publish_segmentation(context: StageContext) -> dict:
+def encode_seg_object(context: StageContext) -> dict:
     with cyclic_gc_paused():
         seg_file = segmentation_file(context, source_series(context), run_identity(context))
     return {"size_bytes": seg_file.size_bytes}
@@ -229,7 +229,7 @@ def _send(context: StageContext, files: list[ObjectFile], targets: list) -> dict
 
 
 SEGMENTATION_OBJECT = SideTask(
-    "segmentation", CPU_QUEUE, publish_segmentation,
+    "seg_object", CPU_QUEUE, encode_seg_object,
     # from the moment the segment stage has written its label map until inference ends
     while_states=frozenset({RunState.SEGMENTING, RunState.INFERRING}),
 )

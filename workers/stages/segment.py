@@ -6,7 +6,7 @@ write and ~0.3 s to read back in each later stage on a 300-slice study, for ~80 
 ({value: organ name} and the backend that made them) in the run folder, ``organ_measurements`` rows (replaced as a
 whole, so a retried stage leaves one set).
 
-Once the label files are written, and before the organs are measured, the stage starts the ``segmentation`` side
+Once the label files are written, and before the organs are measured, the stage starts the ``seg_object`` side
 task: the SEG, which needs the label map only, is encoded on the cpu worker meanwhile.
 """
 
