@@ -67,30 +67,6 @@ class ResultObjects(_ObjectGroup):
     measured: MeasurementObjects
     reading: ReadingObjects
 
-    @property
-    def segmentation(self) -> SegmentationResult:
-        return self.measured.segmentation
-
-    @property
-    def measurement_report(self) -> Comprehensive3DSR:
-        return self.measured.measurement_report
-
-    @property
-    def narrative_report(self) -> EnhancedSR:
-        return self.reading.narrative_report
-
-    @property
-    def narrative_text(self) -> str:
-        return self.reading.narrative_text
-
-    @property
-    def findings_report(self) -> ComprehensiveSR | None:
-        return self.reading.findings_report
-
-    @property
-    def key_objects(self) -> KeyObjectSelectionDocument | None:
-        return self.reading.key_objects
-
     def named(self) -> list[tuple[str, Dataset]]:
         return self.measured.named() + self.reading.named()
 

@@ -130,13 +130,13 @@ def _slice_normal(ds: Dataset) -> np.ndarray:
     return np.cross(orientation[:3], orientation[3:])
 
 
-@dataclass(frozen=True)
-class SegmentLabel:
-    """One segmented organ as a SEG segment: its label in the label map (the SEG needs no measurement)."""
+class SegmentedOrgan:
+    """What reports.seg encodes as a segment: an organ's ``label_name`` (TotalSegmentator-style, e.g. "liver",
+    "kidney_left"), its ``label_value`` in the label map and its ``coding`` (None: looked up from the name)."""
 
-    label_name: str  # TotalSegmentator-style name, e.g. "liver", "kidney_left"
-    label_value: int  # voxel value of this organ in the label map
-    coding: OrganCoding | None = None  # None: looked up from label_name in reports.coding
+    label_name: str
+    label_value: int
+    coding: OrganCoding | None
 
     @property
     def organ(self) -> OrganCoding:
@@ -144,22 +144,24 @@ class SegmentLabel:
 
 
 @dataclass(frozen=True)
-class OrganMeasurement:
+class SegmentLabel(SegmentedOrgan):
+    """One segmented organ as a SEG segment: its label in the label map (the SEG needs no measurement)."""
+
+    label_name: str
+    label_value: int
+    coding: OrganCoding | None = None
+
+
+@dataclass(frozen=True)
+class OrganMeasurement(SegmentedOrgan):
     """One segmented organ: its label in the label map and what was measured inside it."""
 
-    label_name: str  # TotalSegmentator-style name, e.g. "liver", "kidney_left"
-    label_value: int  # voxel value of this organ in the label map
+    label_name: str
+    label_value: int
     volume_ml: float
     mean_hu: float
     std_hu: float
-    coding: OrganCoding | None = None  # None: looked up from label_name in reports.coding
-
-    @property
-    def organ(self) -> OrganCoding:
-        return self.coding if self.coding is not None else organ_coding(self.label_name)
-
-
-SegmentedOrgan = SegmentLabel | OrganMeasurement  # what reports.seg encodes as a segment
+    coding: OrganCoding | None = None
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,9 @@ StageFunction = Callable[[StageContext], dict[str, Any]]
 
 @dataclass(frozen=True)
 class SideTask:
-    """Work dispatched beside the main line when a stage has succeeded, to run while the next stages do (on a worker
-    of its own queue). It never changes the run's state and its failure fails nothing: the main line's stages do
+    """Work dispatched beside the main line — when a stage has succeeded (``Stage.side_tasks``) or from inside it once
+    the outputs it needs are written (``Stage.early_side_tasks``) — to run while the next stages do (on a worker of
+    its own queue). It never changes the run's state and its failure fails nothing: the main line's stages do
     the same work themselves when its results are not there. ``while_states``: a run in any other state skips it
     (the main line has got there first)."""
 

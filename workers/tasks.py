@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from celery import current_app, shared_task
-from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import task_prerun, worker_process_init, worker_process_shutdown, worker_shutdown
 
 from omnict_node.logs import log_event
 from workers.celery_app import GPU_QUEUE
@@ -122,9 +122,10 @@ def load_models(resources: WorkerResources) -> None:
             log_event(log, "worker.model_loaded", model=name)
 
 
-def wait_for_imports(app, timeout_s: float = 300.0) -> None:
+@task_prerun.connect  # every task of the process, before its body
+def wait_for_imports(task=None, timeout_s: float = 300.0, **_) -> None:
     """Until the worker's preload has imported the stage dependencies (no wait outside a preloading worker)."""
-    imported = getattr(app, "omnict_imported", None)
+    imported = getattr(getattr(task, "app", None), "omnict_imported", None)
     if imported is not None and not imported.wait(timeout_s):
         log_event(log, "worker.preload_slow", logging.WARNING, waited_s=timeout_s)
 
@@ -140,7 +141,6 @@ def worker_resources(app) -> WorkerResources:
 
 @shared_task(bind=True, name=RUN_STAGE, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def run_stage(self, run_id: int, stage_name: str) -> None:
-    wait_for_imports(self.app)
     resources = worker_resources(self.app)
     settings = resources.settings.workers
     final_attempt = self.request.retries >= settings.task_max_retries
@@ -165,7 +165,6 @@ def run_stage(self, run_id: int, stage_name: str) -> None:
 @shared_task(bind=True, name=RUN_SIDE_TASK, acks_late=True, reject_on_worker_lost=True)
 def run_side_task(self, run_id: int, task_name: str) -> None:
     """One try, no retry: when a side task fails, the main line's stages do its work (see SideTask)."""
-    wait_for_imports(self.app)
     execute_side_task(worker_resources(self.app), run_id, side_task_by_name(task_name))
 
 

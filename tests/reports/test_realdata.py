@@ -137,7 +137,7 @@ def test_real_ct_results_validate(tmp_path: Path) -> None:
             dump = dicom_tools.dsrdump(path)
             assert dump.returncode == 0, dump.stderr
     seg = hd.seg.segread(next(tmp_path.glob("SEG_*.dcm")))
-    liver_number = objects.segmentation.segment_numbers["liver"]
+    liver_number = objects.measured.segmentation.segment_numbers["liver"]
     mask = seg.get_pixels_by_source_instance(list(source.sop_instance_uids), segment_numbers=[liver_number])[..., 0]
     np.testing.assert_array_equal(mask.astype(bool), label_map == 5)
     sr = pydicom.dcmread(objects.write(tmp_path / "again")[1])  # datasets(): SEG, then the measurement SR

@@ -85,11 +85,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         source, ct.label_map, ct.organs, answers, ALGORITHM, run, segmentation_algorithm=SEG_ALGORITHM
     )
     named = {
-        "seg": objects.segmentation.dataset,
-        "measurements": objects.measurement_report,
-        "findings": objects.findings_report,
-        "narrative": objects.narrative_report,
-        "kos": objects.key_objects,
+        "seg": objects.measured.segmentation.dataset,
+        "measurements": objects.measured.measurement_report,
+        "findings": objects.reading.findings_report,
+        "narrative": objects.reading.narrative_report,
+        "kos": objects.reading.key_objects,
     }
     files = {}
     for name, dataset in named.items():
@@ -189,7 +189,7 @@ def test_measurements_round_trip_and_reference_their_segment(built: Built) -> No
         assert numbers["Standard Deviation"] == (pytest.approx(organ.std_hu, rel=1e-9), "[hnsf'U]")
         segment_ref = dicom_tools.children(group, "121191", "DCM")[0].ReferencedSOPSequence[0]
         assert segment_ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
-        segment_number = built.objects.segmentation.segment_numbers[organ.label_name]
+        segment_number = built.objects.measured.segmentation.segment_numbers[organ.label_name]
         assert segment_ref.ReferencedSegmentNumber == segment_number
         assert seg.SegmentSequence[segment_number - 1].SegmentLabel == organ.label_name
         # Tracking UID of the group == Tracking UID of the segment: viewers can join the two objects
@@ -262,7 +262,7 @@ def test_segmentation_masks_round_trip(built: Built) -> None:
     )
     expected = np.zeros(source.shape, dtype=np.uint8)
     for organ in built.ct.organs:
-        expected[built.ct.label_map == organ.label_value] = built.objects.segmentation.segment_numbers[organ.label_name]
+        expected[built.ct.label_map == organ.label_value] = built.objects.measured.segmentation.segment_numbers[organ.label_name]
     np.testing.assert_array_equal(pixels, expected)
     item = seg.SegmentSequence[1]  # kidney_left: laterality as Segmented Property Type Modifier
     assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == "64033007"
@@ -522,7 +522,7 @@ def test_narrative_renders_measurements_and_flags_positive_answers(built: Built)
     assert any(s.startswith("URGENT: Yes, a small right-sided") for s in sections.impressions)
     assert not any("No ascites" in s for s in sections.impressions)  # coded Absent stays out of the impression
     assert "not reviewed by a radiologist" in sections.impressions[-1]
-    assert built.objects.narrative_text == text
+    assert built.objects.reading.narrative_text == text
 
 
 def test_narrative_without_sections_is_refused() -> None:

@@ -79,9 +79,9 @@ def build_phantom_results(work_dir: Path, *, slices: int = 48, size: int = 192) 
         source, segmentation.label_map, organs, answers, AlgorithmInfo("OmniCT", "0.1.0-test"), run,
         segmentation_algorithm=AlgorithmInfo(segmentation.backend, segmentation.backend_version),
     )
-    datasets = {"seg": objects.segmentation.dataset, "measurement_sr": objects.measurement_report,
-                "findings_sr": objects.findings_report, "narrative_sr": objects.narrative_report,
-                "kos": objects.key_objects}
+    datasets = {"seg": objects.measured.segmentation.dataset, "measurement_sr": objects.measured.measurement_report,
+                "findings_sr": objects.reading.findings_report, "narrative_sr": objects.reading.narrative_report,
+                "kos": objects.reading.key_objects}
     result_files, result_series, descriptions = {}, {}, {}
     (work_dir / "results").mkdir(parents=True, exist_ok=True)
     for kind, dataset in datasets.items():

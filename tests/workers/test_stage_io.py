@@ -144,6 +144,26 @@ def test_worker_marks_itself_warm_after_preloading(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_a_task_waits_for_its_workers_preload_to_import_the_stage_dependencies(tmp_path: Path) -> None:
+    import threading
+
+    from celery.signals import task_prerun
+
+    from workers.celery_app import make_celery
+
+    app = make_celery(load_settings(data_dir=str(tmp_path / "node")))
+    app.omnict_imported = threading.Event()  # as start_preloading leaves it while its thread imports
+    task = type("Task", (), {"app": app})()  # what the signal gets: the task, bound to its app
+    released = threading.Event()
+    thread = threading.Thread(target=lambda: (task_prerun.send(sender=task, task=task, task_id="t", args=(),
+                                                               kwargs={}), released.set()))
+    thread.start()
+    assert not released.wait(0.5)  # held before its body: no import of its own races the preload's
+    app.omnict_imported.set()
+    assert released.wait(10)
+    thread.join()
+
+
 def test_gpu_worker_loads_its_models_before_marking_itself_warm(tmp_path: Path) -> None:
     """A gpu-queue worker has the segmenter and the OmniCT engine loaded when it is warm; the stages then use those
     same objects (one load per process), not new ones."""

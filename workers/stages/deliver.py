@@ -35,14 +35,19 @@ def destinations_for(settings: Settings, source_ae_title: str | None) -> list[De
     return []
 
 
+def run_destinations(context: StageContext) -> list[DestinationSettings]:
+    """:func:`destinations_for` the run's study (the AE title that sent it is in the database)."""
+    with session_scope(context.session_factory) as session:
+        source_ae = session.scalar(select(Study.source_ae_title)
+                                   .where(Study.study_instance_uid == context.study_instance_uid))
+    return destinations_for(context.settings, source_ae)
+
+
 def deliver(context: StageContext) -> dict:
     from dicom_node.delivery import DeliveryError, deliver_run, destination_label
     from workers.stages.measurements import early_deliveries
 
-    with session_scope(context.session_factory) as session:
-        source_ae = session.scalar(select(Study.source_ae_title)
-                                   .where(Study.study_instance_uid == context.study_instance_uid))
-    targets = destinations_for(context.settings, source_ae)
+    targets = run_destinations(context)
     if not targets:
         log_event(log, "pipeline.deliver.no_destination", run_id=context.run_id)
         return {"destinations": [], "note": "no destination configured; results are kept on the node"}

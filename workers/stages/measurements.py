@@ -29,7 +29,7 @@ import numpy as np
 from sqlalchemy import select
 
 from db.models import OrganMeasurement as MeasuredOrgan
-from db.models import RunState, Study
+from db.models import RunState
 from db.session import session_scope
 from omnict_node.logs import log_event
 from workers.celery_app import CPU_QUEUE
@@ -94,12 +94,12 @@ def _segments(labels: list) -> list[list]:
     return [[label.label_name, label.label_value] for label in labels]
 
 
-def encode_segmentation(context: StageContext, source, run) -> ObjectFile:
-    """Encode and write the run's SEG, its per-slice label counts, and its record."""
+def encode_segmentation(context: StageContext, source, run, labels: list) -> ObjectFile:
+    """Encode and write the run's SEG of the segments ``labels`` (:func:`segment_labels`), its per-slice label
+    counts, and its record."""
     from reports import build_segmentation
 
     made_from = _label_map_version(context)  # before reading it: a newer map makes this SEG's record stale
-    labels = segment_labels(context)
     for name in sorted(set(load_label_names(context).values()) - {label.label_name for label in labels} - {"body"}):
         log_event(log, "pipeline.report.organ_skipped", run_id=context.run_id, organ=name)  # no SNOMED CT coding
     result = build_segmentation(source, source_label_map(context, len(source.datasets)), labels,
@@ -118,16 +118,16 @@ def _label_map_version(context: StageContext) -> list:
     return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
 
 
-def segmentation_file(context: StageContext, source, run) -> ObjectFile:
-    """The run's SEG: the recorded one when it is intact and made of the run's current label map, else encoded
-    now."""
+def segmentation_file(context: StageContext, source, run, labels: list) -> ObjectFile:
+    """The run's SEG of the segments ``labels``: the recorded one when it is intact and made of them and of the
+    run's current label map, else encoded now."""
     record = read_record(context, SEGMENTATION_RECORD)
     recorded = object_files(record, "objects", context.settings.data_dir)
     if (recorded and record.get("label_map") == _label_map_version(context)
-            and record.get("segments") == _segments(segment_labels(context))
+            and record.get("segments") == _segments(labels)
             and (context.work_dir / SEGMENTATION_AREAS).is_file()):
         return recorded[0]
-    return encode_segmentation(context, source, run)
+    return encode_segmentation(context, source, run, labels)
 
 
 def _segmentation_as_referenced(context: StageContext, seg_file: ObjectFile, labels: list):
@@ -147,11 +147,11 @@ def recorded_measurement_files(context: StageContext) -> list[ObjectFile] | None
     return object_files(read_record(context, MEASUREMENT_RECORD), "objects", context.settings.data_dir)
 
 
-def measurement_report_file(context: StageContext, source, run, seg_file: ObjectFile) -> ObjectFile:
-    """Encode and write the run's TID 1500 measurement SR on the SEG in ``seg_file``."""
+def measurement_report_file(context: StageContext, source, run, seg_file: ObjectFile,
+                            labels: list) -> ObjectFile:
+    """Encode and write the run's TID 1500 measurement SR on the SEG in ``seg_file`` (of the segments ``labels``)."""
     from reports import build_measurement_report
 
-    labels = segment_labels(context)
     report = build_measurement_report(source, _segmentation_as_referenced(context, seg_file, labels),
                                       measured_organs(context, labels), load_segmentation_algorithm(context), run,
                                       source_label_map(context, len(source.datasets)))
@@ -165,8 +165,9 @@ def measurement_files(context: StageContext, source, run) -> list[ObjectFile]:
     recorded = recorded_measurement_files(context)
     if recorded is not None:
         return recorded
-    seg_file = segmentation_file(context, source, run)
-    return [seg_file, measurement_report_file(context, source, run, seg_file)]
+    labels = segment_labels(context)
+    seg_file = segmentation_file(context, source, run, labels)
+    return [seg_file, measurement_report_file(context, source, run, seg_file, labels)]
 
 
 def early_deliveries(context: StageContext) -> dict[str, list[str]]:
@@ -176,17 +177,14 @@ def early_deliveries(context: StageContext) -> dict[str, list[str]]:
 
 def encode_seg_object(context: StageContext) -> dict:
     with cyclic_gc_paused():
-        seg_file = segmentation_file(context, source_series(context), run_identity(context))
+        seg_file = segmentation_file(context, source_series(context), run_identity(context), segment_labels(context))
     return {"size_bytes": seg_file.size_bytes}
 
 
 def publish_measurements(context: StageContext) -> dict:
-    with session_scope(context.session_factory) as session:
-        source_ae = session.scalar(select(Study.source_ae_title)
-                                   .where(Study.study_instance_uid == context.study_instance_uid))
-    from workers.stages.deliver import destinations_for
+    from workers.stages.deliver import run_destinations
 
-    targets = destinations_for(context.settings, source_ae)
+    targets = run_destinations(context)
     recorded = recorded_measurement_files(context)
     seg_sent = None
     with cyclic_gc_paused(), ThreadPoolExecutor(1, thread_name_prefix="send-seg") as sender:
@@ -194,10 +192,12 @@ def publish_measurements(context: StageContext) -> dict:
         if recorded is not None:
             files = recorded
         else:
-            seg_file = segmentation_file(context, source, run)
-            # The PACS takes ~0.3 s to store a 300-slice study's SEG (28 MB): it is sent while the SR is encoded.
+            labels = segment_labels(context)
+            seg_file = segmentation_file(context, source, run, labels)
+            # Sending a 300-slice study's SEG (28 MB) takes ~0.4 s, mostly the PACS storing it: it goes while the
+            # SR is encoded.
             seg_sent = sender.submit(_send, context, [seg_file], targets)
-            files = [seg_file, measurement_report_file(context, source, run, seg_file)]
+            files = [seg_file, measurement_report_file(context, source, run, seg_file, labels)]
         write_record(context, MEASUREMENT_RECORD, {"objects": as_record(files), "delivered": {}})
         delivered = seg_sent.result() if seg_sent is not None else {}
     for label, uids in _send(context, files[1:] if seg_sent is not None else files, targets).items():

@@ -1,6 +1,6 @@
 """Stage 4, report (cpu queue): encode the run's results as DICOM and put the study on the worklist.
 
-Objects: SEG of the organ masks and TID 1500 measurement SR (``reports.build_measurement_objects``), findings SR,
+Objects: SEG of the organ masks and TID 1500 measurement SR (workers/stages/measurements.py), findings SR,
 narrative SR and a Key Object Selection of the key images (``reports.build_reading_objects``) — all in the source
 study, UIDs derived from the run, so encoding the same run again (a retried stage, a re-delivery) produces the same
 UIDs and replaces rather than duplicates. Files land in ``<data_dir>/results/<study>/run-<n>/``; ``result_objects``
