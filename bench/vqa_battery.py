@@ -5,18 +5,22 @@ prefill of system + image + organ + question tokens, greedy decoding — batch 1
 Engine (omnict_core/inference/engine.py): image encoded once; the shared prefix (system turn + global visual tokens)
 prefilled once; every organ group's own tokens and every question in ONE packed pass over a tree-shaped KV buffer;
 greedy decoding of all unfinished answers as one packed step each (finished answers drop out), in a lean decode loop
-on the model's own weights (no HF generate / Cache / mask machinery); relevance from the decode pass's own queries
-and keys. Same model, dtype (fp32), greedy settings and max_new_tokens; answers are asserted token-identical.
-One warm-up round, then ``--reps`` interleaved rounds; medians are compared.
+on the model's own weights (no HF generate / Cache / mask machinery), each step also checking draft tokens looked up
+in the checkpoint's table of training-answer n-grams (``answer_ngrams.json``, omnict_core/inference/drafting.py):
+a draft token is kept only where it equals the model's own greedy choice, so it saves passes, never changes a
+token; relevance from the decode pass's own queries and keys. Same model, dtype (fp32), greedy settings and
+max_new_tokens; answers are asserted token-identical. One warm-up round, then ``--reps`` interleaved rounds; medians
+are compared.
 
 Uses ``checkpoints/omnict-tiny-phantom/`` when it exists, else a randomly initialised tiny model (a random model
-never emits <|im_end|>, so every answer runs to max_new_tokens in both paths).
+never emits <|im_end|>, so every answer runs to max_new_tokens in both paths; no draft table).
 
 What bounds the ratio: the reference runs the vision tower and the whole prompt once per question and
 sum(answer lengths) decode steps at batch 1 through HF generate (~3-5 ms a step on this CPU, mostly per-call
 machinery); the engine runs the vision tower once (~25% of its time: the same computation as one reference call),
 ~30% of the reference's prompt tokens (the last layer only for the positions whose logits are needed), and
-max(answer lengths) packed decode steps of ~1-2 ms each (reading the weights + ~200 small ops).
+at most max(answer lengths) packed decode steps of ~1-2 ms each (reading the weights + ~200 small ops), fewer where
+drafts are kept (the report-like 10th answer: 31 tokens in 7 passes with the shipped checkpoint).
 
     .venv/bin/python bench/vqa_battery.py [--checkpoint DIR] [--reps 7] [--max-new-tokens 32] [--threads N]
     .venv/bin/python bench/vqa_battery.py --checkpoint /nonexistent      # random weights
@@ -38,6 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from omnict_core.inference.drafting import AnswerDrafter  # noqa: E402
 from omnict_core.inference.engine import OmniCTEngine, Question, baseline_generate  # noqa: E402
 from omnict_core.modeling_omnict import build_model, load_omnict  # noqa: E402
 from omnict_core.phantom import PhantomSpec, generate_study  # noqa: E402
@@ -87,7 +92,8 @@ def main() -> None:
     phantom = generate_study(PhantomSpec(seed=args.seed, slices=48, size=128, findings=["liver_lesion"]))
     study = prepare_volume(phantom.hu, model.config, labels=phantom.labels.astype("int32"),
                            spacing=phantom.spacing, label_names=phantom.label_names)
-    engine = OmniCTEngine(model, tokenizer, max_new_tokens=args.max_new_tokens)
+    drafter = AnswerDrafter.load(args.checkpoint, tokenizer) if args.checkpoint.is_dir() else None
+    engine = OmniCTEngine(model, tokenizer, max_new_tokens=args.max_new_tokens, drafter=drafter)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {source}, {n_params / 1e6:.1f}M parameters, fp32, torch threads={torch.get_num_threads()}")
     print(f"study: {phantom.hu.shape} HU -> {study.num_units} units; {len(BATTERY)} questions, "
@@ -104,11 +110,15 @@ def main() -> None:
     answers = run_engine(True)
     mismatches = [i for i, (a, r) in enumerate(zip(answers, reference)) if a.token_ids != r]
     assert not mismatches, f"engine answers differ from generate() for questions {mismatches}"
-    steps = [len(a.token_ids) + int(a.finished) for a in answers]  # decode steps incl. the closing <|im_end|>
+    steps = [len(a.token_ids) + int(a.finished) for a in answers]  # tokens incl. the closing <|im_end|>
+    decode = engine.last_decode
     print(f"answers identical to per-question generate(): {len(answers)}/{len(BATTERY)}; "
           f"answer lengths {[len(a.token_ids) for a in answers]}")
-    print(f"sequential decode steps: reference sum={sum(steps)} (batch 1), engine max={max(steps)} (batched); "
-          f"vision tower runs: reference {len(BATTERY)}, engine 1")
+    print(f"decoder passes after the prompt: reference {sum(steps) - len(steps)} (batch 1), engine {decode.passes} "
+          f"(batched; without drafts it would be {max(steps) - 1}); vision tower runs: reference {len(BATTERY)}, "
+          f"engine 1")
+    print(f"drafts ({'answer n-grams of ' + str(args.checkpoint) if drafter else 'none: no answer_ngrams.json'}): "
+          f"{decode.draft_tokens} draft tokens fed, {decode.draft_tokens_kept} kept")
     for q, a in list(zip(BATTERY, answers))[:3]:
         print(f"  [{q.organ or 'whole body'}] {q.text} -> {a.text[:60]!r} key slices {a.key_slices[:6]}")
 

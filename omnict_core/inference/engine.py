@@ -17,8 +17,12 @@ For one study the engine
    No padding, no copies of the prefix per question;
 4. prefills the shared part once (plain causal) and the organ groups + questions in one packed pass;
 5. decodes greedily: each step feeds the last token of every unfinished answer as one packed sequence; an answer
-   leaves when it emits ``<|im_end|>`` or reaches its limit. The Qwen2 decoder runs in a lean loop of our own on the
-   model's weights (``LeanQwen2``: same operations, none of HF generate's per-step machinery);
+   leaves when it emits ``<|im_end|>`` or reaches its limit. With the checkpoint's draft table
+   (``answer_ngrams.json``, ``drafting.AnswerDrafter``) each answer's token is followed by a few draft tokens looked
+   up in the training answers' n-grams, and every draft token that equals the model's own greedy choice is one pass
+   saved (the others are hidden from later tokens): the same tokens in fewer passes. The Qwen2 decoder runs in a
+   lean loop of our own on the model's weights (``LeanQwen2``: same operations, none of HF generate's per-step
+   machinery);
 6. optionally computes, per answer, the relevance of each reconstruction unit: the attention (eager definition:
    softmax(q k^T / sqrt(d) + mask), fp32) from the positions that produced the answer tokens to the global visual
    tokens, averaged over layers and heads, summed per unit and normalised, recomputed from the queries and keys the
@@ -39,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from omnict_core.configuration_omnict import IM_END
+from omnict_core.inference.drafting import AnswerDrafter
 from omnict_core.modeling_omnict import OmniCTForConditionalGeneration, load_omnict
 from omnict_core.preprocessing import PreparedStudy
 from omnict_core.tokenization_omnict import encode_example, expand_placeholders, prompt_prefix
@@ -79,18 +84,34 @@ class EncodedStudy:
         return self.grid.reshape(-1, self.grid.shape[-1])  # (L, d_h)
 
 
+@dataclass
+class DecodeStats:
+    """What the decoding of the last ``ask()`` took: decoder passes after the prefill, draft tokens fed, and how many
+    of them were kept (each kept draft token is one pass saved)."""
+
+    passes: int = 0
+    draft_tokens: int = 0
+    draft_tokens_kept: int = 0
+
+
 class OmniCTEngine:
     """``OmniCTEngine(model_dir_or_model, tokenizer=None, device='cpu')``; then ``ask(study, questions)`` /
     ``report(study)``. ``study`` is a ``PreparedStudy`` (omnict_core.preprocessing.prepare_input)."""
 
     def __init__(self, model: OmniCTForConditionalGeneration | str | Path, tokenizer=None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 max_new_tokens: int = 48, top_k_units: int = 2) -> None:
+                 max_new_tokens: int = 48, top_k_units: int = 2, drafter: AnswerDrafter | None = None,
+                 draft_tokens: int = 8) -> None:
         if isinstance(model, (str, Path)):
-            model, loaded_tokenizer = load_omnict(model, device=device, dtype=dtype)
+            directory = Path(model)
+            model, loaded_tokenizer = load_omnict(directory, device=device, dtype=dtype)
             tokenizer = tokenizer or loaded_tokenizer
+            drafter = drafter or AnswerDrafter.load(directory, tokenizer)
         elif tokenizer is None:
             raise ValueError("pass the tokenizer together with an in-memory model")
+        self.drafter = drafter
+        self.draft_tokens = draft_tokens if drafter is not None else 0
+        self.last_decode = DecodeStats()
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -187,7 +208,7 @@ class OmniCTEngine:
         split = next((i for i, t in enumerate(prefix) if t in organ_ids), prefix_len)
 
         tree = _Tree(self.device, capacity=split + len(organs) * (prefix_len - split) + sum(map(len, suffixes))
-                     + sum(limits), group_of=group_of, groups=len(organs))
+                     + sum(limits) * (2 if self.draft_tokens else 1), group_of=group_of, groups=len(organs))
         cache = lean.empty_cache(1, tree.capacity, embeds.dtype, self.device)
         # 1. shared part (system turn, user header, the L global visual tokens): once, plain causal
         lean.forward(embeds[:1, :split], tree.add_shared(split), cache, 0, None, logits=False)
@@ -221,38 +242,72 @@ class OmniCTEngine:
     def _greedy_decode(self, logits: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]], tree: "_Tree",
                        columns: list[int], next_pos: torch.Tensor, limits: Sequence[int], queries: list | None
                        ) -> tuple[list[list[int]], list[list[tuple[int, list[torch.Tensor]]]] | None]:
-        """Batched greedy decoding: each step feeds the last token of every unfinished answer as one packed
-        sequence (a column each, seeing only its own prompt and answer); an answer leaves when it emits eos or
-        reaches its limit. ``columns``: the buffer column of the position that produced each row's first token;
-        ``next_pos``: each row's next position id. With ``queries`` (relevance) it also returns, per answer, the
-        column and the per-layer queries of every position that produced one of its tokens."""
+        """Batched greedy decoding, with drafts when the engine has a drafter.
+
+        Each step feeds, for every unfinished answer, its newest token followed by up to ``draft_tokens`` draft
+        tokens (``AnswerDrafter``) as one packed sequence, each token seeing only its own prompt and answer. The
+        newest token's output is the next answer token; a draft token that equals it is kept and its own output is
+        one more answer token, and so on. The first draft token that differs and everything after it are hidden
+        from later tokens (``_Tree.hide``): every kept token is exactly what one-token-at-a-time greedy decoding
+        produces, in fewer passes. An answer leaves when it emits eos or reaches its limit. ``columns``: the buffer
+        column of the position that produced each row's first token; ``next_pos``: each row's next position id.
+        With ``queries`` (relevance) it also returns, per answer, the column and the per-layer queries of every
+        position that produced one of its tokens."""
         lean = self._lean
         batch = logits.shape[0]
         generated: list[list[int]] = [[] for _ in range(batch)]
         trace = [[] for _ in range(batch)] if queries is not None else None
-        active = list(range(batch))  # original row of each active position
-        rows = torch.arange(batch, device=self.device)
+        # one run per unfinished answer in the pass just computed:
+        # (row, index of its first output, its buffer columns, the draft tokens fed after its newest token, position)
+        runs = [(row, row, [columns[row]], [], position - 1) for row, position in enumerate(next_pos.tolist())]
+        draft_room = sum(limits) if self.draft_tokens else 0  # the buffer holds this many draft columns
+        stats = self.last_decode = DecodeStats()
         while True:
-            tokens = logits.argmax(dim=-1)  # (B_active,)
-            keep = []
-            for j, (row, token) in enumerate(zip(active, tokens.tolist())):
-                generated[row].append(token)
+            predicted = logits.argmax(dim=-1).tolist()
+            tokens: list[int] = []
+            rows: list[int] = []
+            positions: list[int] = []
+            next_runs = []
+            for row, offset, run_columns, draft, position in runs:
+                kept = self._accept(predicted[offset: offset + len(run_columns)], draft, generated[row], limits[row])
+                stats.draft_tokens_kept += kept - 1
                 if trace is not None:
-                    trace[row].append((columns[j], [q[j] for q in queries]))
-                if token != self.eos_id and len(generated[row]) < limits[row]:
-                    keep.append(j)
-            if not keep:
+                    trace[row].extend((run_columns[i], [q[offset + i] for q in queries]) for i in range(kept))
+                tree.hide(row, run_columns[kept:])
+                answer = generated[row]
+                if answer[-1] == self.eos_id or len(answer) >= limits[row]:
+                    continue
+                position += kept  # the newest token's position
+                room = min(self.draft_tokens, limits[row] - len(answer) - 1, draft_room)
+                new_draft = self.drafter.propose(answer, room) if room > 0 else []
+                draft_room -= len(new_draft)
+                stats.draft_tokens += len(new_draft)
+                next_runs.append((row, len(tokens), None, new_draft, position))
+                fed = [answer[-1], *new_draft]
+                tokens += fed
+                rows += [row] * len(fed)
+                positions += range(position, position + len(fed))
+            if not next_runs:
                 break
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=self.device)
-                tokens, rows, next_pos = tokens[index], rows[index], next_pos[index]
-                active = [active[j] for j in keep]
             start = tree.length
-            mask = tree.add_tokens(rows, next_pos)
-            columns = range(start, tree.length)
-            logits = lean.forward(lean.embed(tokens[None]), next_pos[None], cache, start, mask, record=queries)
-            next_pos = next_pos + 1
+            position_t = torch.tensor(positions, device=self.device)
+            mask = tree.add_tokens(torch.tensor(rows, device=self.device), position_t)
+            runs = [(row, offset, list(range(start + offset, start + offset + 1 + len(draft))), draft, position)
+                    for row, offset, _, draft, position in next_runs]
+            logits = lean.forward(lean.embed(torch.tensor([tokens], device=self.device)), position_t[None], cache,
+                                  start, mask, record=queries)
+            stats.passes += 1
         return generated, trace
+
+    def _accept(self, predicted: list[int], draft: list[int], answer: list[int], limit: int) -> int:
+        """Append to ``answer`` the tokens the model produced for one run (its newest token + ``draft``): the
+        output after the newest token, then one more output per draft token that matched the token before it;
+        stops at eos or ``limit``. Returns how many of the run's positions produced a kept token."""
+        for i, token in enumerate(predicted):
+            answer.append(token)
+            if token == self.eos_id or len(answer) >= limit or i == len(draft) or draft[i] != token:
+                return i + 1
+        return len(predicted)
 
     # ------------------------------------------------------------------------------------------------ relevance
     def _attach_relevance(self, answers: list[Answer], trace: list[list[tuple[int, list[torch.Tensor]]]],
@@ -340,12 +395,18 @@ class _Tree:
         return (seen & (self.arange[None, :self.length] <= self.arange[start:self.length, None]))[None, None]
 
     def add_tokens(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One column per active row (its next token, at ``positions``); returns their mask (1, 1, B, length)."""
+        """One column per token, for the row of each (a row's tokens consecutive, in order, at ``positions``);
+        returns their mask (1, 1, T, length): a token sees its row's columns up to its own."""
         span = slice(self.length, self.length + rows.numel())
         self.position[span] = positions
         self.sees.index_put_((rows, self.arange[span]), torch.ones((), dtype=torch.bool, device=self.device))
         self.length = span.stop
-        return self.sees.index_select(0, rows)[None, None, :, :self.length]
+        return self.visible(rows, self.arange[span])[None, None]
+
+    def hide(self, row: int, columns: Sequence[int]) -> None:
+        """Rejected draft tokens: no later token of ``row`` attends to their columns."""
+        if columns:
+            self.sees[row, columns[0]: columns[-1] + 1] = False
 
     def visible(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """bool (n, length): what the token of ``rows[i]`` at column ``columns[i]`` attends to."""

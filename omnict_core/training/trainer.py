@@ -266,10 +266,13 @@ class Trainer:
 
     def finish(self) -> Path:
         """Write the trained model (HF directory: config + safetensors + tokenizer) and a training summary."""
+        from omnict_core.inference.drafting import build_for_checkpoint
         from omnict_core.modeling_omnict import save_omnict
 
         self.save_checkpoint()
         save_omnict(self.model, self.tokenizer, self.out_dir)
+        # the engine's draft table, from the answers this model was trained on (omnict_core.inference.drafting)
+        build_for_checkpoint(self.out_dir, self.dataset.samples, self.tokenizer)
         total, trainable = count_parameters(self.model)
         losses = [h["loss"] for h in self.history]
         tail = losses[-max(1, len(losses) // 10):]

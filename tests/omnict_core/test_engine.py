@@ -241,3 +241,46 @@ def test_organ_mask_lookup_equals_study_organ_mask(study):
         ids = study.organ_label_ids(organ)
         assert torch.equal(study.organ_mask(ids), reference(ids)), organ
     assert not study.organ_mask([99]).any()
+
+
+def test_drafts_save_passes_and_change_no_token_or_relevance(sharp, study, tmp_path):
+    """Drafted decoding keeps only draft tokens equal to the model's own greedy choice: with a table that predicts
+    the answers well (built from them) it needs fewer passes, with one that predicts nothing it rejects every draft;
+    either way the tokens equal one generate() per question and the relevance equals undrafted decoding's (which
+    test_relevance_equals_an_eager_forward_over_prompt_and_answer ties to an eager forward)."""
+    from omnict_core.inference.drafting import AnswerDrafter
+
+    model, tokenizer = sharp
+    plain_engine = OmniCTEngine(model, tokenizer, max_new_tokens=16)
+    plain = plain_engine.ask(study, QUESTIONS)
+    assert plain_engine.last_decode.draft_tokens == 0
+    reference = [baseline_generate(model, tokenizer, study, q, 16) for q in QUESTIONS]
+    assert [a.token_ids for a in plain] == reference
+    eos = plain_engine.eos_id
+    produced = {t for a in reference for t in a}
+    never = next(t for t in range(len(tokenizer)) if t not in produced and t != eos)
+    drafters = {
+        "from the answers": AnswerDrafter.from_answers([a.token_ids for a in plain], eos, min_share=0.0),
+        # proposes, after any token, a token the model never produces here: every draft is rejected
+        "always wrong": AnswerDrafter({(t,): (never, 1.0) for t in range(len(tokenizer))}, context=1, eos_id=eos),
+    }
+    for name, drafter in drafters.items():
+        engine = OmniCTEngine(model, tokenizer, max_new_tokens=16, drafter=drafter, draft_tokens=6)
+        answers = engine.ask(study, QUESTIONS)
+        assert [a.token_ids for a in answers] == reference, name
+        assert [a.finished for a in answers] == [a.finished for a in plain], name
+        for drafted, undrafted in zip(answers, plain):
+            assert drafted.unit_relevance == pytest.approx(undrafted.unit_relevance, abs=1e-5), name
+            assert drafted.key_units == undrafted.key_units, name
+        stats = engine.last_decode
+        assert stats.draft_tokens > 0, name
+        if name == "from the answers":
+            assert stats.draft_tokens_kept > 0 and stats.passes < plain_engine.last_decode.passes
+        else:
+            assert stats.passes == plain_engine.last_decode.passes
+    # a checkpoint directory carries its table; the engine built from the directory uses it
+    save_omnict(model, tokenizer, tmp_path / "ckpt")
+    drafters["from the answers"].save(tmp_path / "ckpt", tokenizer)
+    from_dir = OmniCTEngine(tmp_path / "ckpt", max_new_tokens=16)
+    assert from_dir.drafter is not None
+    assert [a.token_ids for a in from_dir.ask(study, QUESTIONS, with_relevance=False)] == reference

@@ -47,6 +47,7 @@ def test_stages_freeze_what_the_paper_freezes(vqa_dir, tmp_path):
 
 
 def test_steps_run_and_resume_reproduces_the_uninterrupted_run(vqa_dir, tmp_path):
+    from omnict_core.inference.drafting import ANSWER_START, AnswerDrafter
     from omnict_core.modeling_omnict import load_omnict
     from omnict_core.training.trainer import Trainer
 
@@ -71,6 +72,11 @@ def test_steps_run_and_resume_reproduces_the_uninterrupted_run(vqa_dir, tmp_path
     assert summary["steps"] == 4 and summary["samples_seen"] == 8
     model, tokenizer = load_omnict(tmp_path / "resumed")  # the output is a loadable model directory
     assert model.config.use_ose and len(tokenizer) == model.config.text_config.vocab_size
+    drafter = AnswerDrafter.load(tmp_path / "resumed", tokenizer)  # with the engine's table of training answers
+    first_answer = tokenizer.encode(resumed.dataset.samples[0]["answer"], add_special_tokens=False)
+    assert drafter is not None and drafter.table[(ANSWER_START,)][0] in {
+        tokenizer.encode(s["answer"], add_special_tokens=False)[0] for s in resumed.dataset.samples}
+    assert (ANSWER_START, *first_answer[:2]) in drafter.table
 
 
 def test_cli_trains_an_ablation_without_ose(vqa_dir, tmp_path):
