@@ -50,10 +50,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 @click.option("--vision-frozen", is_flag=True, help="paper-literal stage 1 (pretrained vision tower frozen)")
 @click.option("--resume/--no-resume", default=True, show_default=True)
 @click.option("--max-samples", type=int, default=None, help="use only the first N training samples")
+@click.option("--loss-average", type=click.Choice(["token", "sample"]), default="token", show_default=True,
+              help="token: mean over all answer tokens of a batch; sample: per-sample mean, then over samples")
 def train(data_dir: Path, out_dir: Path, stage: int, preset: str, config_json: Path | None, no_ose: bool,
           init_from: Path | None, steps: int, batch_size: int, grad_accum: int, lr: float | None,
           warmup_ratio: float, weight_decay: float, seed: int, bf16: bool, save_every: int, threads: int | None,
-          vision_frozen: bool, resume: bool, max_samples: int | None) -> None:
+          vision_frozen: bool, resume: bool, max_samples: int | None, loss_average: str) -> None:
     """Train OmniCT (one stage) on phantom VQA data; writes an HF model directory to --out."""
     from omnict_core.training.trainer import TrainConfig, Trainer
 
@@ -69,7 +71,7 @@ def train(data_dir: Path, out_dir: Path, stage: int, preset: str, config_json: P
                       config_overrides=overrides, init_from=str(init_from) if init_from else None, steps=steps,
                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
                       weight_decay=weight_decay, seed=seed, bf16=bf16, save_every=save_every, num_threads=threads,
-                      vision_frozen=vision_frozen, max_samples=max_samples)
+                      vision_frozen=vision_frozen, max_samples=max_samples, loss_average=loss_average)
     trainer = Trainer(cfg)
     total = sum(p.numel() for p in trainer.model.parameters())
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

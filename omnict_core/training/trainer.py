@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from omnict_core.training.schedule import make_scheduler
 
@@ -63,6 +64,10 @@ class TrainConfig:
     num_threads: int | None = None
     progress: bool = True
     max_samples: int | None = None  # use only the first N training samples (tests)
+    # "token": the mean over all answer tokens of the batch (HF's causal-LM loss; long reports dominate it);
+    # "sample": each sample's mean over its own answer tokens, then the mean over samples (a one-token yes/no answer
+    # weighs as much as a 60-token report)
+    loss_average: str = "token"
 
     @property
     def peak_lr(self) -> float:
@@ -117,6 +122,16 @@ class SamplePlan:
                 self._epoch = epoch
             out.append(int(self._perm[offset]))
         return out
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over each sample's labelled tokens, then over the samples.
+    logits (B, T, V); labels (B, T), -100 where not supervised (prompt, padding)."""
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
+                                reduction="none")  # (B, T - 1)
+    counts = (targets != -100).sum(dim=1)
+    return (per_token.sum(dim=1) / counts.clamp_min(1))[counts > 0].mean()
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -219,9 +234,10 @@ class Trainer:
         losses = []
         for _ in range(cfg.grad_accum):
             batch = self.next_batch()
+            labels = batch.pop("labels") if cfg.loss_average == "sample" else None
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 out = self.model(**batch)
-            loss = out.loss.float()
+            loss = out.loss.float() if labels is None else per_sample_loss(out.logits, labels)
             (loss / cfg.grad_accum).backward()
             losses.append(float(loss.detach()))
         if cfg.max_grad_norm:

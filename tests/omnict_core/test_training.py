@@ -97,3 +97,37 @@ def test_init_from_a_missing_directory_is_a_clear_error(vqa_dir, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not-there"):
         Trainer(_config(vqa_dir, tmp_path / "x", init_from=str(tmp_path / "not-there")))
+
+
+def test_per_sample_loss_weighs_every_answer_equally():
+    """--loss-average sample: each sample's mean over its answer tokens, then the mean over samples — a one-token
+    answer counts as much as a long one (the token mean lets long reports dominate)."""
+    from omnict_core.training.trainer import per_sample_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.full((3, 7), -100)
+    labels[0, 5:] = torch.tensor([1, 2])  # a short answer
+    labels[1, 1:] = torch.randint(0, 11, (6,))  # a long one
+    # sample 2: no supervised token at all -> left out, not a division by zero
+    one = [torch.nn.functional.cross_entropy(logits[i, :-1], labels[i, 1:], ignore_index=-100) for i in (0, 1)]
+    assert per_sample_loss(logits, labels) == pytest.approx(float((one[0] + one[1]) / 2), rel=1e-6)
+    token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
+                                                   ignore_index=-100)
+    assert float(token_mean) != pytest.approx(float(per_sample_loss(logits, labels)), rel=1e-3)
+
+
+def test_per_sample_loss_of_one_sample_is_the_language_model_loss():
+    """Same shift and targets as the Hugging Face causal-LM loss (the "token" average)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from omnict_core.training.trainer import per_sample_loss
+
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)).eval()
+    ids = torch.randint(0, 50, (1, 12))
+    labels = ids.clone()
+    labels[:, :7] = -100  # the prompt
+    out = lm(input_ids=ids, labels=labels)
+    assert float(per_sample_loss(out.logits, labels)) == pytest.approx(float(out.loss), rel=1e-5)
