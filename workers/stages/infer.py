@@ -98,7 +98,9 @@ def infer(context: StageContext) -> dict:
         session.execute(delete(Finding).where(Finding.run_id == context.run_id))
         session.add_all(rows)
     positives = [r.question_id for r in rows if r.positive]
-    log_event(log, "pipeline.infer.done", run_id=context.run_id, questions=len(battery), positive=len(positives))
+    decode = engine.last_decode  # drafted tokens kept = decoder passes saved (answer_ngrams.json of the checkpoint)
+    log_event(log, "pipeline.infer.done", run_id=context.run_id, questions=len(battery), positive=len(positives),
+              decoder_passes=decode.passes, draft_tokens_kept=decode.draft_tokens_kept)
     return {
         "checkpoint": str(checkpoint_dir(context.settings)),
         "model_version": getattr(engine.config, "_name_or_path", "") or checkpoint_dir(context.settings).name,
