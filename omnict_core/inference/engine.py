@@ -282,7 +282,7 @@ class OmniCTEngine:
                 new_draft = self.drafter.propose(answer, room) if room > 0 else []
                 draft_room -= len(new_draft)
                 stats.draft_tokens += len(new_draft)
-                next_runs.append((row, len(tokens), None, new_draft, position))
+                next_runs.append((row, len(tokens), new_draft, position))
                 fed = [answer[-1], *new_draft]
                 tokens += fed
                 rows += [row] * len(fed)
@@ -293,7 +293,7 @@ class OmniCTEngine:
             position_t = torch.tensor(positions, device=self.device)
             mask = tree.add_tokens(torch.tensor(rows, device=self.device), position_t)
             runs = [(row, offset, list(range(start + offset, start + offset + 1 + len(draft))), draft, position)
-                    for row, offset, _, draft, position in next_runs]
+                    for row, offset, draft, position in next_runs]
             logits = lean.forward(lean.embed(torch.tensor([tokens], device=self.device)), position_t[None], cache,
                                   start, mask, record=queries)
             stats.passes += 1
