@@ -71,7 +71,9 @@ class AnswerDrafter:
 
     def propose(self, answer: Sequence[int], limit: int) -> list[int]:
         """Up to ``limit`` draft tokens continuing ``answer`` (the answer's tokens so far, none of them eos)."""
-        history = [ANSWER_START, *answer[-self.context:]] if len(answer) < self.context else list(answer[-self.context:])
+        history = list(answer[-self.context:])
+        if len(answer) < self.context:
+            history.insert(0, ANSWER_START)  # the context reaches back to the start of the answer
         draft: list[int] = []
         while len(draft) < limit:
             hit = None
