@@ -12,10 +12,8 @@ TEST_PATIENT_NAME = "Testpatient^Secret"
 TEST_PATIENT_ID = "PID-4711-SECRET"
 
 
-def ct_slice(study_uid: str, series_uid: str, index: int, size: int = 32, spacing_z: float = 2.5,
-             image_type: str = "ORIGINAL\\PRIMARY\\AXIAL", series_number: int = 2, z0: float = -100.0,
-             sop_uid: str | None = None) -> Dataset:
-    """One axial CT slice at z = z0 + index * spacing_z with a recognisable pixel pattern (value = index)."""
+def ct_instance(study_uid: str, series_uid: str, sop_uid: str | None = None) -> Dataset:
+    """An empty CT Image Storage instance (explicit VR little endian file meta, SOP and study / series UIDs)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
@@ -25,6 +23,14 @@ def ct_slice(study_uid: str, series_uid: str, index: int, size: int = 32, spacin
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    return ds
+
+
+def ct_slice(study_uid: str, series_uid: str, index: int, size: int = 32, spacing_z: float = 2.5,
+             image_type: str = "ORIGINAL\\PRIMARY\\AXIAL", series_number: int = 2, z0: float = -100.0,
+             sop_uid: str | None = None) -> Dataset:
+    """One axial CT slice at z = z0 + index * spacing_z with a recognisable pixel pattern (value = index)."""
+    ds = ct_instance(study_uid, series_uid, sop_uid)
     ds.FrameOfReferenceUID = generate_uid(prefix=None, entropy_srcs=[study_uid, "frame-of-reference"])
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = TEST_PATIENT_NAME, TEST_PATIENT_ID, "19700101", "O"
     ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "120000", "ACC1", "1"

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+
+from tests.dicom_factory import ct_instance
 
 # Patient data that must never show up in a log line.
 PATIENT_NAME = "Secretname^Patientia"
@@ -23,15 +25,7 @@ def ct_slice(index: int, study_uid: str, series_uid: str, size: int = 64, sop_ui
              seed: int = 0, unsigned: bool = False) -> Dataset:
     """One small CT slice with realistic headers (explicit VR little endian); signed 16-bit pixels, or
     unsigned 12-bit ones (some encoders, e.g. near-lossless JPEG-LS, take only those)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds = ct_instance(study_uid, series_uid, sop_uid)
     ds.FrameOfReferenceUID = generate_uid()
     ds.Modality = "CT"
     ds.StudyDate, ds.StudyTime = "20260301", "101500"
