@@ -54,15 +54,9 @@ def complete(node: NodeContext, study_instance_uid: str) -> None:
 @pass_node
 def rerun(node: NodeContext, study_instance_uid: str) -> None:
     """Run the whole pipeline again on the stored study (a new run; the running node dispatches it)."""
-    from db.session import session_factory_for, session_scope
-    from workers.operations import OperationError, open_rerun
+    from workers.operations import open_rerun
 
-    factory = session_factory_for(node.settings.database.url)
-    try:
-        with session_scope(factory) as session:
-            number = open_rerun(session, study_instance_uid)
-    except OperationError as exc:
-        raise click.ClickException(str(exc)) from exc
+    number = _operate(node, open_rerun, study_instance_uid)
     click.echo(f"study {study_instance_uid}: run {number} opened (rerun)")
 
 
@@ -71,16 +65,22 @@ def rerun(node: NodeContext, study_instance_uid: str) -> None:
 @pass_node
 def redeliver(node: NodeContext, study_instance_uid: str) -> None:
     """Send the latest run's results again (after delivery_failed, or to resend)."""
-    from db.session import session_factory_for, session_scope
     from workers.celery_app import make_celery
-    from workers.operations import OperationError, prepare_redelivery
+    from workers.operations import prepare_redelivery
     from workers.tasks import dispatch_stage
 
-    factory = session_factory_for(node.settings.database.url)
-    try:
-        with session_scope(factory) as session:
-            run_id = prepare_redelivery(session, study_instance_uid)
-    except OperationError as exc:
-        raise click.ClickException(str(exc)) from exc
+    run_id = _operate(node, prepare_redelivery, study_instance_uid)
     dispatch_stage(make_celery(node.settings), run_id, "deliver", "cpu")
     click.echo(f"study {study_instance_uid}: redelivery of run {run_id} queued")
+
+
+def _operate(node: NodeContext, operation, study_instance_uid: str):
+    """``operation(session, study_instance_uid)`` in one transaction; its OperationError is the command's error."""
+    from db.session import session_factory_for, session_scope
+    from workers.operations import OperationError
+
+    try:
+        with session_scope(session_factory_for(node.settings.database.url)) as session:
+            return operation(session, study_instance_uid)
+    except OperationError as exc:
+        raise click.ClickException(str(exc)) from exc

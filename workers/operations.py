@@ -1,4 +1,4 @@
-"""Operator actions on runs (rerun, redeliver), audit-logged. Shared by the CLI and the API."""
+"""Operator actions on runs (rerun, redeliver), audit-logged; the `omnict-node study` commands call them."""
 
 from __future__ import annotations
 
