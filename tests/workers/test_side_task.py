@@ -173,3 +173,48 @@ def test_a_seg_encoded_from_an_earlier_label_map_is_encoded_again(segmented):
     again = seg_file.stat()
     assert (again.st_ino, again.st_mtime_ns) != (first.st_ino, first.st_mtime_ns)
     assert json.loads((work_dir / SEGMENTATION_RECORD).read_text())["objects"] == [seg]  # the same object, anew
+
+
+def test_measurements_waits_for_a_seg_object_running_in_another_worker(segmented, monkeypatch):
+    """Prefork cpu workers may run ``measurements`` while ``seg_object`` still encodes in another process: it waits
+    for that SEG instead of encoding it a second time; a 'running' row whose worker died is waited for only so long."""
+    import threading
+
+    from workers.stages import measurements
+
+    resources, run_id = segmented
+    encodes, waiting = [], threading.Event()
+    encode = measurements.encode_segmentation
+    monkeypatch.setattr(measurements, "encode_segmentation", lambda *a: encodes.append(1) or encode(*a))
+    running = measurements.seg_object_running
+
+    def observed(context, within_s):
+        busy = running(context, within_s)
+        if busy:
+            waiting.set()
+        return busy
+
+    monkeypatch.setattr(measurements, "seg_object_running", observed)
+    with resources.session_factory.begin() as session:  # another process's attempt, its row 'running'
+        other = StageRecord(run_id=run_id, stage="seg_object", attempt=1, worker="elsewhere:1")
+        session.add(other)
+    thread = threading.Thread(target=execute_side_task, args=(resources, run_id, MEASUREMENTS))
+    thread.start()
+    assert waiting.wait(120)  # measurements found seg_object running and waits
+    execute_side_task(resources, run_id, SEGMENTATION_OBJECT)  # that attempt's work (here, in this process)
+    with resources.session_factory.begin() as session:
+        session.get(StageRecord, other.id).outcome = "ok"
+    thread.join(120)
+    assert not thread.is_alive() and len(encodes) == 1  # the SEG was encoded once, by seg_object
+    work_dir = _work_dir(resources, run_id)
+    [seg] = json.loads((work_dir / SEGMENTATION_RECORD).read_text())["objects"]
+    assert {o["kind"]: o for o in _early_record(resources, run_id)["objects"]}["seg"] == seg
+
+    # a seg_object whose worker died: its row stays 'running'; the wait gives up and the SEG is encoded here
+    (work_dir / SEGMENTATION_RECORD).unlink()
+    (work_dir / MEASUREMENT_RECORD).unlink()
+    with resources.session_factory.begin() as session:
+        session.add(StageRecord(run_id=run_id, stage="seg_object", attempt=3, worker="died:2"))
+    monkeypatch.setattr(measurements, "SEG_OBJECT_WAIT_S", 0.3)
+    execute_side_task(resources, run_id, MEASUREMENTS)
+    assert len(encodes) == 2 and (work_dir / MEASUREMENT_RECORD).is_file()

@@ -4,7 +4,9 @@ tasks on the cpu queue while the gpu worker runs the models:
 * ``seg_object``: started by the segment stage as soon as its label map is written; encodes the SEG while that
   stage measures the organs.
 * ``measurements``: after the segment stage; encodes the measurement SR (it needs the organ measurements) on the SEG
-  the first task wrote, and sends both to the destinations while inference runs.
+  the first task wrote, and sends both to the destinations while inference runs. Where several cpu worker processes
+  run them side by side (prefork), it waits for a ``seg_object`` still running elsewhere (its ``run_stages`` row)
+  instead of encoding the same SEG again.
 
 Neither is a stage of the run's state machine (see ``workers.pipeline.SideTask``): the run never waits for them and
 cannot fail by them. Whatever they have not done when a later step needs it (still running, failed, their worker
@@ -22,14 +24,16 @@ Records in the run's work folder:
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from sqlalchemy import select
 
 from db.models import OrganMeasurement as MeasuredOrgan
-from db.models import RunState
+from db.models import RunState, StageRecord, utcnow
 from db.session import session_scope
 from omnict_node.logs import log_event
 from workers.celery_app import CPU_QUEUE
@@ -52,6 +56,9 @@ log = logging.getLogger("omnict.stage.measurements")
 SEGMENTATION_RECORD = "segmentation_object.json"
 SEGMENTATION_AREAS = "segmentation_areas.npy"
 MEASUREMENT_RECORD = "measurement_objects.json"
+SEG_OBJECT_TASK = "seg_object"
+# A 300-slice SEG encodes in about 1 s; a seg_object attempt silent for this long has lost its worker.
+SEG_OBJECT_WAIT_S = 60.0
 
 
 def segment_labels(context: StageContext) -> list:
@@ -193,6 +200,7 @@ def publish_measurements(context: StageContext) -> dict:
             files = recorded
         else:
             labels = segment_labels(context)
+            wait_for_seg_object(context)
             seg_file = segmentation_file(context, source, run, labels)
             # Sending a 300-slice study's SEG (28 MB) takes ~0.4 s, mostly the PACS storing it: it goes while the
             # SR is encoded.
@@ -204,6 +212,30 @@ def publish_measurements(context: StageContext) -> dict:
         delivered[label] = [*delivered.get(label, []), *uids]
     write_record(context, MEASUREMENT_RECORD, {"objects": as_record(files), "delivered": delivered})
     return {"objects": len(files), "destinations": len(delivered)}
+
+
+def seg_object_running(context: StageContext, within_s: float) -> bool:
+    """Whether an attempt of this run's ``seg_object`` task, started in the last ``within_s`` seconds, is running."""
+    since = utcnow() - dt.timedelta(seconds=within_s)
+    with context.session_factory() as session:
+        return session.scalar(select(StageRecord.id).where(
+            StageRecord.run_id == context.run_id, StageRecord.stage == SEG_OBJECT_TASK,
+            StageRecord.outcome == "running", StageRecord.started_at >= since).limit(1)) is not None
+
+
+def wait_for_seg_object(context: StageContext, poll_s: float = 0.05) -> None:
+    """Wait while ``seg_object`` runs in another worker process (prefork cpu workers run it beside ``measurements``;
+    the embedded worker runs them one after the other), so that the SEG is encoded once, not twice. Gives up after
+    ``SEG_OBJECT_WAIT_S``: a worker killed inside the task leaves its row 'running', and this task then encodes the
+    SEG itself (the same bytes)."""
+    timeout_s = SEG_OBJECT_WAIT_S
+    deadline = time.monotonic() + timeout_s
+    while seg_object_running(context, timeout_s):
+        if time.monotonic() >= deadline:
+            log_event(log, "pipeline.side_task.wait_gave_up", logging.WARNING, run_id=context.run_id,
+                      task=SEG_OBJECT_TASK, seconds=timeout_s)
+            return
+        time.sleep(poll_s)
 
 
 def _send(context: StageContext, files: list[ObjectFile], targets: list) -> dict[str, list[str]]:
@@ -229,7 +261,7 @@ def _send(context: StageContext, files: list[ObjectFile], targets: list) -> dict
 
 
 SEGMENTATION_OBJECT = SideTask(
-    "seg_object", CPU_QUEUE, encode_seg_object,
+    SEG_OBJECT_TASK, CPU_QUEUE, encode_seg_object,
     # from the moment the segment stage has written its label map until inference ends
     while_states=frozenset({RunState.SEGMENTING, RunState.INFERRING}),
 )
