@@ -20,7 +20,7 @@ sum(answer lengths) decode steps at batch 1 through HF generate (~3-5 ms a step 
 machinery); the engine runs the vision tower once (~25% of its time: the same computation as one reference call),
 ~30% of the reference's prompt tokens (the last layer only for the positions whose logits are needed), and
 at most max(answer lengths) packed decode steps of ~1-2 ms each (reading the weights + ~200 small ops), fewer where
-drafts are kept (the report-like 10th answer: 31 tokens in 7 passes with the shipped checkpoint).
+drafts are kept (the report-like 10th answer of the leg-3 checkpoint: 31 tokens in 7 passes; of leg 4: 11 in 4).
 
     .venv/bin/python bench/vqa_battery.py [--checkpoint DIR] [--reps 7] [--max-new-tokens 32] [--threads N]
     .venv/bin/python bench/vqa_battery.py --checkpoint /nonexistent      # random weights
