@@ -60,11 +60,6 @@ def orthanc_result_count(orthanc, study_uid: str) -> int:
     return len(orthanc.get_json(f"/studies/{studies[0]}/instances")) if studies else 0
 
 
-def as_utc(moment: dt.datetime) -> dt.datetime:
-    """SQLite gives naive datetimes (stored in UTC)."""
-    return moment.replace(tzinfo=dt.timezone.utc) if moment.tzinfo is None else moment
-
-
 def wait_for_warm_workers(node_dir: Path, node: NodeProcess, count: int, timeout_s: float = 300.0) -> float:
     """Seconds waited until the node's ``count`` worker processes marked themselves warm (workers.tasks.warm_marker)."""
     started = time.monotonic()
@@ -114,11 +109,11 @@ def one_run(work: Path, slices: int, size: int, seed: int, checkpoint: str | Non
             records = session.scalars(select(StageRecord).where(StageRecord.run_id == run.id,
                                                                 StageRecord.outcome == "ok")).all()
             stages = {s.stage: s.duration_s for s in records}
-            completed_at = as_utc(run.completed_at)
+            completed_at = run.completed_at
             # When each stage ran, in seconds after the completion decision: shows the critical path and the gaps
             # between stages (queue hand-offs).
-            timeline = {s.stage: ((as_utc(s.started_at) - completed_at).total_seconds(),
-                                  (as_utc(s.finished_at) - completed_at).total_seconds()) for s in records}
+            timeline = {s.stage: ((s.started_at - completed_at).total_seconds(),
+                                  (s.finished_at - completed_at).total_seconds()) for s in records}
         quiet = max(0.0, (completed_at - last_response).total_seconds())
         return {"wall": wall, "quiet": quiet, "total": wall - quiet, "stages": stages, "timeline": timeline}
     finally:

@@ -26,7 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
-from sqlalchemy.types import JSON
+from sqlalchemy.types import JSON, TypeDecorator
 
 UID = String(64)  # DICOM UIDs are at most 64 characters (PS3.5 9.1)
 
@@ -35,8 +35,19 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+class UtcDateTime(TypeDecorator):
+    """``DateTime(timezone=True)`` read back as aware UTC on every database: SQLite returns naive values, and
+    everything stored here is UTC (:func:`utcnow`)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: dt.datetime | None, dialect) -> dt.datetime | None:
+        return value.replace(tzinfo=dt.timezone.utc) if value is not None and value.tzinfo is None else value
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dt.datetime: DateTime(timezone=True)}
+    type_annotation_map = {dt.datetime: UtcDateTime()}
 
 
 class RunState(str, enum.Enum):

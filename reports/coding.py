@@ -186,7 +186,7 @@ def organ_table() -> dict[str, OrganCoding]:
 
 def organ_coding(label_name: str) -> OrganCoding:
     """The coding of an organ label name; raises KeyError naming the label when it is unknown."""
-    key = label_name.strip().lower().replace(" ", "_")
+    key = _organ_key(label_name)
     table = organ_table()
     if key not in table:
         raise KeyError(
@@ -194,3 +194,12 @@ def organ_coding(label_name: str) -> OrganCoding:
             "or use a TotalSegmentator label name"
         )
     return table[key]
+
+
+def has_organ_coding(label_name: str) -> bool:
+    """Whether :func:`organ_coding` knows ``label_name``."""
+    return _organ_key(label_name) in organ_table()
+
+
+def _organ_key(label_name: str) -> str:
+    return label_name.strip().lower().replace(" ", "_")

@@ -65,7 +65,7 @@ class StageContext:
     resources: "WorkerResources"
     final_attempt: bool = False  # no retry follows if this attempt fails transiently
     # Dispatches a side task of this run by name (the task layer's; None where stages run in-process, e.g. tests).
-    side_task_starter: Callable[[str], None] | None = None
+    side_task_starter: Callable[["SideTask"], None] | None = None
 
     def start_side_task(self, task: "SideTask") -> None:
         """Start ``task`` now, from inside the stage, once the outputs it needs are written (see
@@ -74,7 +74,7 @@ class StageContext:
         if self.side_task_starter is None:
             return
         try:
-            self.side_task_starter(task.name)
+            self.side_task_starter(task)
         except Exception as exc:  # noqa: BLE001 - the broker's error must not fail the stage
             log_event(log, "pipeline.side_task.not_started", logging.WARNING, run_id=self.run_id, task=task.name,
                       error=type(exc).__name__)
@@ -202,9 +202,9 @@ def _state_before(stage: Stage) -> RunState:
 
 
 def execute_stage(resources: WorkerResources, run_id: int, stage_name: str, final_attempt: bool = False,
-                  side_task_starter: Callable[[str], None] | None = None) -> Stage | None:
+                  side_task_starter: Callable[[SideTask], None] | None = None) -> Stage | None:
     """Run one stage of one run. Returns the next stage to dispatch, or None (done, skipped or failed).
-    ``side_task_starter(name)`` dispatches a side task of the run (see ``Stage.early_side_tasks``).
+    ``side_task_starter(task)`` dispatches a side task of the run (see ``Stage.early_side_tasks``).
 
     Raises any transient exception for the caller's retry policy.
     """

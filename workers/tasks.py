@@ -14,6 +14,7 @@ from celery.signals import task_prerun, worker_process_init, worker_process_shut
 from omnict_node.logs import log_event
 from workers.celery_app import GPU_QUEUE
 from workers.pipeline import (
+    SideTask,
     WorkerResources,
     execute_side_task,
     execute_stage,
@@ -28,6 +29,7 @@ log = logging.getLogger("omnict.tasks")
 
 RUN_STAGE = "omnict.run_stage"
 RUN_SIDE_TASK = "omnict.run_side_task"
+PRELOAD_IMPORT_WAIT_S = 300.0  # a task waits this long at most for its worker's preload to import the stages
 
 # What the CPU stages import on first use (DICOM encoding, the network stack, SQL helpers): about a second of imports
 # that the first study after a worker start would otherwise wait for. Imported when the worker process starts instead
@@ -123,11 +125,11 @@ def load_models(resources: WorkerResources) -> None:
 
 
 @task_prerun.connect  # every task of the process, before its body
-def wait_for_imports(task=None, timeout_s: float = 300.0, **_) -> None:
+def wait_for_imports(task=None, **_) -> None:
     """Until the worker's preload has imported the stage dependencies (no wait outside a preloading worker)."""
     imported = getattr(getattr(task, "app", None), "omnict_imported", None)
-    if imported is not None and not imported.wait(timeout_s):
-        log_event(log, "worker.preload_slow", logging.WARNING, waited_s=timeout_s)
+    if imported is not None and not imported.wait(PRELOAD_IMPORT_WAIT_S):
+        log_event(log, "worker.preload_slow", logging.WARNING, waited_s=PRELOAD_IMPORT_WAIT_S)
 
 
 def worker_resources(app) -> WorkerResources:
@@ -146,7 +148,7 @@ def run_stage(self, run_id: int, stage_name: str) -> None:
     final_attempt = self.request.retries >= settings.task_max_retries
     try:
         following = execute_stage(resources, run_id, stage_name, final_attempt=final_attempt,
-                                  side_task_starter=lambda name: dispatch_side_task(self.app, run_id, name))
+                                  side_task_starter=lambda task: dispatch_side_task(self.app, run_id, task))
     except Exception as exc:
         if final_attempt:
             fail_run(resources.session_factory, run_id, f"{stage_name}: {type(exc).__name__}: {exc} "
@@ -159,7 +161,7 @@ def run_stage(self, run_id: int, stage_name: str) -> None:
     if following is not None:
         dispatch_stage(self.app, run_id, following.name, following.queue)
         for task in stage_by_name(stage_name).side_tasks:
-            dispatch_side_task(self.app, run_id, task.name)
+            dispatch_side_task(self.app, run_id, task)
 
 
 @shared_task(bind=True, name=RUN_SIDE_TASK, acks_late=True, reject_on_worker_lost=True)
@@ -168,8 +170,8 @@ def run_side_task(self, run_id: int, task_name: str) -> None:
     execute_side_task(worker_resources(self.app), run_id, side_task_by_name(task_name))
 
 
-def dispatch_side_task(app, run_id: int, task_name: str) -> None:
-    app.send_task(RUN_SIDE_TASK, args=[run_id, task_name], queue=side_task_by_name(task_name).queue)
+def dispatch_side_task(app, run_id: int, task: SideTask) -> None:
+    app.send_task(RUN_SIDE_TASK, args=[run_id, task.name], queue=task.queue)
 
 
 def dispatch_stage(app, run_id: int, stage_name: str, queue: str) -> None:

@@ -81,8 +81,8 @@ class InstanceInfo:
     columns: int
     frames: list[FrameGeometry]  # one per frame (one for classic single-frame images)
     pixel_padding: float | None = None
-    dataset: Dataset | None = field(default=None, repr=False)  # kept when given a dataset instead of a path
-    header: Dataset | None = field(default=None, repr=False)  # the header read from ``path`` (no pixel data)
+    # the dataset it was summarised from: as given, or the header read from ``path`` (no pixel data)
+    dataset: Dataset | None = field(default=None, repr=False)
     pixel_layout: "PixelLayout | None" = field(default=None, repr=False)  # where the native pixels lie in ``path``
 
     @property
@@ -233,7 +233,8 @@ def _read_header(path: str | os.PathLike) -> tuple[Dataset, PixelLayout | None]:
 
 
 def read_instance(item: str | os.PathLike | Dataset | InstanceInfo) -> InstanceInfo:
-    """Path -> header read (no pixels); Dataset -> summarised (kept for pixel access); InstanceInfo -> itself."""
+    """Path -> header read (no pixels; kept, with where the pixels lie in the file); Dataset -> summarised (kept for
+    pixel access); InstanceInfo -> itself."""
     if isinstance(item, InstanceInfo):
         return item
     if isinstance(item, Dataset):
@@ -245,7 +246,7 @@ def read_instance(item: str | os.PathLike | Dataset | InstanceInfo) -> InstanceI
     except Exception as exc:  # noqa: BLE001 - any parse failure is "unreadable" for the caller
         raise NoImageError(f"{item}: not a readable DICOM file ({exc.__class__.__name__}: {exc})") from exc
     info = instance_info(ds, item)
-    info.header = ds
+    info.dataset = ds
     info.pixel_layout = layout
     return info
 

@@ -64,9 +64,9 @@ class TrainConfig:
     num_threads: int | None = None
     progress: bool = True
     max_samples: int | None = None  # use only the first N training samples (tests)
-    # "token": the mean over all answer tokens of the batch (HF's causal-LM loss; long reports dominate it);
+    # "token": the mean over all answer tokens of the batch (HF's causal-LM loss; long answers dominate it);
     # "sample": each sample's mean over its own answer tokens, then the mean over samples (a one-token yes/no answer
-    # weighs as much as a 60-token report)
+    # weighs as much as a 34-token report, the phantom reports' mean length)
     loss_average: str = "token"
 
     @property

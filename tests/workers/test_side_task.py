@@ -37,8 +37,8 @@ def segmented(settings, session_factory, orthanc, tmp_path):
     started = []
     work_dir = _work_dir(resources, run_id)
     resources.started = started
-    assert execute_stage(resources, run_id, "segment", side_task_starter=lambda name: started.append(
-        (name, (work_dir / "labels.npy").is_file() and (work_dir / "labels.json").is_file()))) is not None
+    assert execute_stage(resources, run_id, "segment", side_task_starter=lambda task: started.append(
+        (task.name, (work_dir / "labels.npy").is_file() and (work_dir / "labels.json").is_file()))) is not None
     return resources, run_id
 
 
@@ -175,9 +175,10 @@ def test_a_seg_encoded_from_an_earlier_label_map_is_encoded_again(segmented):
     assert json.loads((work_dir / SEGMENTATION_RECORD).read_text())["objects"] == [seg]  # the same object, anew
 
 
-def test_measurements_waits_for_a_seg_object_running_in_another_worker(segmented, monkeypatch):
+def test_measurements_waits_for_a_seg_object_running_in_another_worker(segmented, monkeypatch, caplog):
     """Prefork cpu workers may run ``measurements`` while ``seg_object`` still encodes in another process: it waits
     for that SEG instead of encoding it a second time; a 'running' row whose worker died is waited for only so long."""
+    import logging
     import threading
 
     from workers.stages import measurements
@@ -188,8 +189,8 @@ def test_measurements_waits_for_a_seg_object_running_in_another_worker(segmented
     monkeypatch.setattr(measurements, "encode_segmentation", lambda *a: encodes.append(1) or encode(*a))
     running = measurements.seg_object_running
 
-    def observed(context, within_s):
-        busy = running(context, within_s)
+    def observed(context, started_within_s=None):
+        busy = running(context, started_within_s)
         if busy:
             waiting.set()
         return busy
@@ -216,5 +217,7 @@ def test_measurements_waits_for_a_seg_object_running_in_another_worker(segmented
     with resources.session_factory.begin() as session:
         session.add(StageRecord(run_id=run_id, stage="seg_object", attempt=3, worker="died:2"))
     monkeypatch.setattr(measurements, "SEG_OBJECT_WAIT_S", 0.3)
-    execute_side_task(resources, run_id, MEASUREMENTS)
+    with caplog.at_level(logging.WARNING, logger="omnict.stage.measurements"):
+        execute_side_task(resources, run_id, MEASUREMENTS)
     assert len(encodes) == 2 and (work_dir / MEASUREMENT_RECORD).is_file()
+    assert "pipeline.side_task.wait_gave_up" in caplog.text

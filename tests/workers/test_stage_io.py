@@ -220,7 +220,7 @@ def test_the_series_headers_read_by_assemble_serve_later_stages_until_a_file_cha
     assemble_stage._remember_source_headers(context, paths, choice.instances)
 
     cached = assemble_stage.source_series(context)
-    headers = [i.header for i in choice.instances]
+    headers = [i.dataset for i in choice.instances]
     assert all(any(ds is header for header in headers) for ds in cached.datasets)  # the very headers, not re-read
     assert [float(ds.ImagePositionPatient[2]) for ds in cached.datasets] == [40.0, 42.5, 45.0, 47.5, 50.0]
     assert assemble_stage.source_series(context) is cached

@@ -56,13 +56,16 @@ class AssembledVolume:
 _SOURCE_HEADERS = "source-headers"
 
 
+def file_version(path: Path) -> tuple[int, int, int]:
+    """Which version of a file this is (inode, size, mtime): writers here replace a file by renaming a new one over
+    it, so a rewritten file is a new version."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def _file_signature(paths: list[Path]) -> tuple:
     """Which files, and which version of each: a re-sent instance is a new file (the SCP writes and renames)."""
-    signature = []
-    for path in paths:
-        stat = path.stat()
-        signature.append((str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns))
-    return tuple(sorted(signature))
+    return tuple(sorted((str(path), *file_version(path)) for path in paths))
 
 
 def _remember_source_headers(context: StageContext, paths: list[Path], instances: list) -> None:
@@ -71,7 +74,7 @@ def _remember_source_headers(context: StageContext, paths: list[Path], instances
     from reports import ReportInputError, SourceSeries
 
     context.resources.cache.pop(_SOURCE_HEADERS, None)
-    headers = {str(i.path): i.header for i in instances if i.path is not None and i.header is not None}
+    headers = {str(i.path): i.dataset for i in instances if i.path is not None and i.dataset is not None}
     if not paths or len(headers) != len(paths) or any(str(p) not in headers for p in paths):
         return
     try:

@@ -38,7 +38,7 @@ from db.session import session_scope
 from omnict_node.logs import log_event
 from workers.celery_app import CPU_QUEUE
 from workers.pipeline import SideTask, StageContext, cyclic_gc_paused
-from workers.stages.assemble import replace_atomically, source_series
+from workers.stages.assemble import file_version, replace_atomically, source_series
 from workers.stages.objects import (
     ObjectFile,
     as_record,
@@ -59,25 +59,17 @@ MEASUREMENT_RECORD = "measurement_objects.json"
 SEG_OBJECT_TASK = "seg_object"
 # A 300-slice SEG encodes in about 1 s; a seg_object attempt silent for this long has lost its worker.
 SEG_OBJECT_WAIT_S = 60.0
+SEG_OBJECT_POLL_S = 0.05
 
 
 def segment_labels(context: StageContext) -> list:
     """The SEG's segments (``reports.SegmentLabel``): every label of the run's label map that has a SNOMED CT
     coding, in label value order; a label without one cannot be a segment and is left out of every object."""
     from reports import SegmentLabel
+    from reports.coding import has_organ_coding
 
     return [SegmentLabel(name, value) for value, name in sorted(load_label_names(context).items())
-            if _has_coding(name)]
-
-
-def _has_coding(label_name: str) -> bool:
-    from reports.coding import organ_coding
-
-    try:
-        organ_coding(label_name)
-    except KeyError:
-        return False
-    return True
+            if has_organ_coding(name)]
 
 
 def measured_organs(context: StageContext, labels: list) -> list:
@@ -121,15 +113,14 @@ def encode_segmentation(context: StageContext, source, run, labels: list) -> Obj
 def _label_map_version(context: StageContext) -> list:
     """Which label map file this is (the segment stage writes a new file, never into the old one: a retried stage
     that segmented differently makes a SEG encoded before it stale)."""
-    stat = (context.work_dir / LABELS_FILE).stat()
-    return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+    return list(file_version(context.work_dir / LABELS_FILE))
 
 
 def segmentation_file(context: StageContext, source, run, labels: list) -> ObjectFile:
     """The run's SEG of the segments ``labels``: the recorded one when it is intact and made of them and of the
     run's current label map, else encoded now."""
     record = read_record(context, SEGMENTATION_RECORD)
-    recorded = object_files(record, "objects", context.settings.data_dir)
+    recorded = object_files(record, context.settings.data_dir)
     if (recorded and record.get("label_map") == _label_map_version(context)
             and record.get("segments") == _segments(labels)
             and (context.work_dir / SEGMENTATION_AREAS).is_file()):
@@ -151,30 +142,31 @@ def _segmentation_as_referenced(context: StageContext, seg_file: ObjectFile, lab
 
 def recorded_measurement_files(context: StageContext) -> list[ObjectFile] | None:
     """The SEG and measurement SR the ``measurements`` side task recorded, or None unless all are intact."""
-    return object_files(read_record(context, MEASUREMENT_RECORD), "objects", context.settings.data_dir)
+    return object_files(read_record(context, MEASUREMENT_RECORD), context.settings.data_dir)
 
 
-def measurement_report_file(context: StageContext, source, run, seg_file: ObjectFile,
-                            labels: list) -> ObjectFile:
-    """Encode and write the run's TID 1500 measurement SR on the SEG in ``seg_file`` (of the segments ``labels``)."""
+def measurement_report_file(context: StageContext, source, run, seg_file: ObjectFile, labels: list,
+                            organs: list) -> ObjectFile:
+    """Encode and write the run's TID 1500 measurement SR of ``organs`` (:func:`measured_organs`) on the SEG in
+    ``seg_file`` (of the segments ``labels``)."""
     from reports import build_measurement_report
 
-    report = build_measurement_report(source, _segmentation_as_referenced(context, seg_file, labels),
-                                      measured_organs(context, labels), load_segmentation_algorithm(context), run,
+    report = build_measurement_report(source, _segmentation_as_referenced(context, seg_file, labels), organs,
+                                      load_segmentation_algorithm(context), run,
                                       source_label_map(context, len(source.datasets)))
     [report_file] = write_object_files(context, [("measurement_sr", report)])
     return report_file
 
 
-def measurement_files(context: StageContext, source, run) -> list[ObjectFile]:
-    """The run's SEG and TID 1500 measurement SR: as recorded when intact, else the SEG (:func:`segmentation_file`)
-    and the measurement SR encoded on it now."""
+def measurement_files(context: StageContext, source, run, labels: list, organs: list
+                      ) -> tuple[list[ObjectFile], bool]:
+    """The run's SEG and TID 1500 measurement SR, and whether they are the ``measurements`` side task's: as recorded
+    when intact, else the SEG (:func:`segmentation_file`) and the measurement SR encoded on it now."""
     recorded = recorded_measurement_files(context)
     if recorded is not None:
-        return recorded
-    labels = segment_labels(context)
+        return recorded, True
     seg_file = segmentation_file(context, source, run, labels)
-    return [seg_file, measurement_report_file(context, source, run, seg_file, labels)]
+    return [seg_file, measurement_report_file(context, source, run, seg_file, labels, organs)], False
 
 
 def early_deliveries(context: StageContext) -> dict[str, list[str]]:
@@ -192,50 +184,50 @@ def publish_measurements(context: StageContext) -> dict:
     from workers.stages.deliver import run_destinations
 
     targets = run_destinations(context)
-    recorded = recorded_measurement_files(context)
-    seg_sent = None
-    with cyclic_gc_paused(), ThreadPoolExecutor(1, thread_name_prefix="send-seg") as sender:
-        source, run = source_series(context), run_identity(context)
-        if recorded is not None:
-            files = recorded
-        else:
-            labels = segment_labels(context)
+    files = recorded_measurement_files(context)
+    unsent, delivered = files, {}
+    if files is None:
+        with cyclic_gc_paused(), ThreadPoolExecutor(1, thread_name_prefix="send-seg") as sender:
+            source, run, labels = source_series(context), run_identity(context), segment_labels(context)
             wait_for_seg_object(context)
             seg_file = segmentation_file(context, source, run, labels)
             # Sending a 300-slice study's SEG (28 MB) takes ~0.4 s, mostly the PACS storing it: it goes while the
             # SR is encoded.
             seg_sent = sender.submit(_send, context, [seg_file], targets)
-            files = [seg_file, measurement_report_file(context, source, run, seg_file, labels)]
-        write_record(context, MEASUREMENT_RECORD, {"objects": as_record(files), "delivered": {}})
-        delivered = seg_sent.result() if seg_sent is not None else {}
-    for label, uids in _send(context, files[1:] if seg_sent is not None else files, targets).items():
+            report_file = measurement_report_file(context, source, run, seg_file, labels,
+                                                  measured_organs(context, labels))
+            files, unsent = [seg_file, report_file], [report_file]
+            write_record(context, MEASUREMENT_RECORD, {"objects": as_record(files), "delivered": {}})
+            delivered = seg_sent.result()
+    for label, uids in _send(context, unsent, targets).items():
         delivered[label] = [*delivered.get(label, []), *uids]
     write_record(context, MEASUREMENT_RECORD, {"objects": as_record(files), "delivered": delivered})
     return {"objects": len(files), "destinations": len(delivered)}
 
 
-def seg_object_running(context: StageContext, within_s: float) -> bool:
-    """Whether an attempt of this run's ``seg_object`` task, started in the last ``within_s`` seconds, is running."""
-    since = utcnow() - dt.timedelta(seconds=within_s)
+def seg_object_running(context: StageContext, started_within_s: float | None = None) -> bool:
+    """Whether an attempt of this run's ``seg_object`` task is running (its ``run_stages`` row says so), only
+    counting attempts started in the last ``started_within_s`` seconds when given."""
+    query = select(StageRecord.id).where(StageRecord.run_id == context.run_id, StageRecord.stage == SEG_OBJECT_TASK,
+                                         StageRecord.outcome == "running")
+    if started_within_s is not None:
+        query = query.where(StageRecord.started_at >= utcnow() - dt.timedelta(seconds=started_within_s))
     with context.session_factory() as session:
-        return session.scalar(select(StageRecord.id).where(
-            StageRecord.run_id == context.run_id, StageRecord.stage == SEG_OBJECT_TASK,
-            StageRecord.outcome == "running", StageRecord.started_at >= since).limit(1)) is not None
+        return session.scalar(query.limit(1)) is not None
 
 
-def wait_for_seg_object(context: StageContext, poll_s: float = 0.05) -> None:
+def wait_for_seg_object(context: StageContext) -> None:
     """Wait while ``seg_object`` runs in another worker process (prefork cpu workers run it beside ``measurements``;
-    the embedded worker runs them one after the other), so that the SEG is encoded once, not twice. Gives up after
-    ``SEG_OBJECT_WAIT_S``: a worker killed inside the task leaves its row 'running', and this task then encodes the
-    SEG itself (the same bytes)."""
-    timeout_s = SEG_OBJECT_WAIT_S
-    deadline = time.monotonic() + timeout_s
-    while seg_object_running(context, timeout_s):
-        if time.monotonic() >= deadline:
-            log_event(log, "pipeline.side_task.wait_gave_up", logging.WARNING, run_id=context.run_id,
-                      task=SEG_OBJECT_TASK, seconds=timeout_s)
-            return
-        time.sleep(poll_s)
+    the embedded worker runs them one after the other), so that the SEG is encoded once, not twice. An attempt
+    counts for ``SEG_OBJECT_WAIT_S`` after its start: a worker killed inside the task leaves its row 'running', and
+    once that row is older this task encodes the SEG itself (the same bytes) and says so."""
+    waited = False
+    while seg_object_running(context, SEG_OBJECT_WAIT_S):
+        waited = True
+        time.sleep(SEG_OBJECT_POLL_S)
+    if waited and seg_object_running(context):
+        log_event(log, "pipeline.side_task.wait_gave_up", logging.WARNING, run_id=context.run_id,
+                  task=SEG_OBJECT_TASK, seconds=SEG_OBJECT_WAIT_S)
 
 
 def _send(context: StageContext, files: list[ObjectFile], targets: list) -> dict[str, list[str]]:

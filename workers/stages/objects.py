@@ -64,10 +64,10 @@ def read_record(context: StageContext, name: str) -> dict | None:
         return None
 
 
-def object_files(record: dict | None, key: str, data_dir: Path) -> list[ObjectFile] | None:
-    """The object files a record lists under ``key``, or None unless every one of them is intact."""
+def object_files(record: dict | None, data_dir: Path) -> list[ObjectFile] | None:
+    """The object files a record lists under "objects", or None unless every one of them is intact."""
     try:
-        files = [ObjectFile(**f) for f in (record or {}).get(key) or []]
+        files = [ObjectFile(**f) for f in (record or {}).get("objects") or []]
     except TypeError:  # a record of another shape
         return None
     return files if files and all(f.is_intact(data_dir) for f in files) else None

@@ -27,7 +27,6 @@ from workers.stages.assemble import source_series
 from workers.stages.measurements import (
     measured_organs,
     measurement_files,
-    recorded_measurement_files,
     segment_labels,
 )
 from workers.stages.objects import ObjectFile, results_dir, run_identity, write_object_files
@@ -61,15 +60,9 @@ def _presence(positive: bool):
 
 
 def _coded_organ_or_none(organ: str | None) -> str | None:
-    from reports.coding import organ_coding
+    from reports.coding import has_organ_coding
 
-    if not organ:
-        return None
-    try:
-        organ_coding(organ)
-    except KeyError:
-        return None
-    return organ
+    return organ if organ and has_organ_coding(organ) else None
 
 
 def report(context: StageContext) -> dict:
@@ -78,11 +71,12 @@ def report(context: StageContext) -> dict:
 
     with cyclic_gc_paused():
         source, run = source_series(context), run_identity(context)
-        organs = measured_organs(context, segment_labels(context))
+        labels = segment_labels(context)
+        organs = measured_organs(context, labels)
         with session_scope(context.session_factory) as session:
             answers = _answers(context, session)
-        reused = recorded_measurement_files(context) is not None
-        measured = measurement_files(context, source, run)  # the side tasks' files, or encoded here
+        # the side tasks' files, or encoded here
+        measured, reused = measurement_files(context, source, run, labels, organs)
         reading = build_reading_objects(source, organs, answers, model_algorithm(context.results.get("infer", {})),
                                         run)
         files = measured + write_object_files(context, reading.named())

@@ -23,6 +23,7 @@ from db.session import session_scope
 from omnict_node.logs import log_event
 from workers.pipeline import StageContext, WorkerResources
 from workers.stages.assemble import load_assembled_volume, replace_atomically
+from workers.stages.objects import write_record
 
 log = logging.getLogger("omnict.stage.segment")
 
@@ -80,9 +81,8 @@ def segment(context: StageContext) -> dict:
     result = segmenter.segment(volume.hu, volume.spacing, axis_codes_from_direction(volume.direction[:, ::-1]))
     # idempotent: a retried stage overwrites the same files
     replace_atomically(context.work_dir / LABELS_FILE, lambda fh: np.save(fh, result.label_map))
-    replace_atomically(context.work_dir / LABEL_NAMES_FILE, lambda fh: fh.write(json.dumps({
-        "backend": result.backend, "backend_version": result.backend_version,
-        "labels": {str(k): v for k, v in result.labels.items()}}).encode()))
+    write_record(context, LABEL_NAMES_FILE, {"backend": result.backend, "backend_version": result.backend_version,
+                                             "labels": {str(k): v for k, v in result.labels.items()}})
     context.start_side_task(SEGMENTATION_OBJECT)  # the SEG needs nothing more: encoded while the organs are measured
 
     measurements = measure_organs(result.label_map, volume.hu, volume.spacing, result.labels)
