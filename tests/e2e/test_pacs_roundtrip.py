@@ -16,7 +16,8 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import Delivery, Finding, OrganMeasurement, ResultObject, RunState, StageRecord
+from db.models import (Delivery, Finding, OrganMeasurement, PipelineRun, ResultObject, RunState, StageRecord,
+                       Study)
 from db.session import session_scope
 from omnict_core.phantom import PhantomSpec, generate_study, write_dicom_study
 from tests.e2e.conftest import make_site
@@ -75,6 +76,10 @@ def test_phantom_study_from_orthanc_comes_back_as_sr_seg_kos(site, tmp_path):
     with session_scope(site.node.session_factory) as session:
         findings = {f.question_id: f for f in session.scalars(select(Finding).where(Finding.run_id == run.id))}
         objects = session.scalars(select(ResultObject).where(ResultObject.run_id == run.id)).all()
+        side_tasks = {r.stage: r.outcome for r in session.scalars(select(StageRecord).where(
+            StageRecord.run_id == run.id, StageRecord.stage.in_(("seg_object", "measurements"))))}
+    # the SEG and the measurement SR came from the side tasks the segment stage dispatched through Celery
+    assert side_tasks == {"seg_object": "ok", "measurements": "ok"}
     effusion = findings["pleural_effusion_right"]
     assert effusion.code_value == "60046008" and effusion.organ == "lung_right"
     findings_sr = next(o for o in objects if o.kind == "findings_sr")
@@ -132,17 +137,37 @@ def _worker_pids(node_pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def _running_stage(node, study_uid: str, stage: str) -> StageRecord | None:
+    with session_scope(node.session_factory) as session:
+        return session.scalars(select(StageRecord).join(PipelineRun).join(Study).where(
+            Study.study_instance_uid == study_uid, StageRecord.stage == stage,
+            StageRecord.outcome == "running")).first()
+
+
+def _kill_workers_inside_stage(node, study_uid: str, stage: str, timeout: float = 300.0) -> None:
+    """kill -9 the embedded workers while `stage` of the study's run is in flight.
+
+    Inference takes about a second, so the stage row is polled every 10 ms rather than the run state every 200 ms.
+    The workers are frozen (SIGSTOP) before the row is read again: a stage still `running` then cannot finish."""
+    deadline = time.monotonic() + timeout
+    while _running_stage(node, study_uid, stage) is None:
+        assert time.monotonic() < deadline, f"stage {stage} never started:\n{node.log_text()[-4000:]}"
+        time.sleep(0.01)
+    workers = _worker_pids(node.process.pid)
+    assert workers, "the embedded worker process was not found"
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    assert _running_stage(node, study_uid, stage) is not None, f"stage {stage} finished before the workers stopped"
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+
+
 def test_worker_killed_during_inference_completes_once_with_one_set_of_results(tmp_path, pg_url):
     site = make_site(tmp_path, pg_url, stall_timeout_s=20.0)
     try:
         study, files = phantom_files(tmp_path, seed=12, findings=["lung_nodule:size_mm=15"])
         orthanc_id = site.send_study_from_pacs(files)
-        site.node.wait_for_run(study.uids["study"], lambda rs: rs[-1].state in (RunState.INFERRING,) or delivered(rs),
-                               timeout=300)
-        workers = _worker_pids(site.node.process.pid)
-        assert workers, "the embedded worker process was not found"
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)  # kill -9 the worker in the middle of inference
+        _kill_workers_inside_stage(site.node, study.uids["study"], "infer")
         runs = site.node.wait_for_run(study.uids["study"], delivered, timeout=300)
         assert len(runs) == 1 and runs[0].state == RunState.DELIVERED, runs[0].error
         with session_scope(site.node.session_factory) as session:
