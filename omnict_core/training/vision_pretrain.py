@@ -107,11 +107,15 @@ class QuestionVocab:
             mask[k, :len(names)] = True
         return mask
 
+    def key_index(self, question_key: str) -> int | None:
+        """Index of a question key, or None when it has no closed answer set."""
+        return self._index.get(question_key)
+
     def target(self, sample: dict) -> tuple[int, int] | None:
         """(key index, class index) of a sample, or None when its key has no closed answer set."""
         if sample["task_type"] not in CLASS_TASKS:
             return None
-        key_index = self._index.get(sample["question_key"])
+        key_index = self.key_index(sample["question_key"])
         if key_index is None:
             return None
         return key_index, self.classes[key_index].index(_answer_class(sample))
@@ -144,6 +148,19 @@ def questions_by_image(samples: Sequence[dict], vocab: QuestionVocab) -> dict[st
         roi = tuple(int(i) for i in s.get("roi_label_ids") or ())
         out[s["image"]][(target, roi)] = ImageQuestion(target[0], target[1], roi)
     return {ref: list(qs.values()) for ref, qs in out.items()}
+
+
+def image_units(cache, dim: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cached image (``omnict_core.data.dataset.ImageCache``) as the VQA dataset feeds it to the tower:
+    (units (N_u, 3, S, S) in [-1, 1], unit label maps (N_u, 3, S, S) int32)."""
+    from omnict_core.data.dataset import to_units
+    from omnict_core.preprocessing import compose_units
+
+    pixels, labels = cache.image(dim, index)
+    units, _ = to_units(pixels, labels, dim, None)
+    lab = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int32))
+    lab_units = lab[None, None].expand(1, 3, *lab.shape) if dim == "2d" else compose_units(lab)
+    return units, lab_units
 
 
 # --------------------------------------------------------------------------------------------------- heads
@@ -248,20 +265,9 @@ class VisionPretrainer:
         self.history: list[dict] = []
         self.elapsed_s = 0.0
 
-    def load_units(self, image: PretrainImage) -> tuple[torch.Tensor, torch.Tensor]:
-        """(units (N_u, 3, S, S) in [-1, 1], unit label maps (N_u, 3, S, S) int32), as the VQA dataset builds them."""
-        from omnict_core.data.dataset import to_units
-        from omnict_core.preprocessing import compose_units
-
-        pixels, labels = self.cache.image(image.dim, image.index)
-        units, _ = to_units(pixels, labels, image.dim, None)
-        lab = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int32))
-        lab_units = lab[None, None].expand(1, 3, *lab.shape) if image.dim == "2d" else compose_units(lab)
-        return units, lab_units
-
     def batch_loss(self, images: Sequence[PretrainImage]) -> dict[str, torch.Tensor | float]:
         """Loss of a batch of images + running accuracies (patch top-1, answer) for the log."""
-        loaded = [self.load_units(image) for image in images]
+        loaded = [image_units(self.cache, image.dim, image.index) for image in images]
         counts = [int(units.shape[0]) for units, _ in loaded]
         units = torch.cat([u for u, _ in loaded])  # (sum N_u, 3, S, S)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):

@@ -1,0 +1,66 @@
+"""Tower probe: an answer head trained on a frozen tower's tokens, scored on the benchmark's closed questions in the
+benchmark's own answer format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.omnict_core.test_data import build_tiny_vqa
+
+
+@pytest.fixture(scope="module")
+def vqa_dir(tmp_path_factory):
+    return build_tiny_vqa(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model_dir(vqa_dir, tmp_path_factory):
+    from omnict_core.modeling_omnict import build_model, save_omnict
+    from omnict_core.tokenization_omnict import load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(str(vqa_dir / "tokenizer"))
+    return save_omnict(build_model("tiny", tokenizer), tokenizer, tmp_path_factory.mktemp("probe") / "model")
+
+
+def test_allowed_classes_are_the_options_of_a_multiple_choice_question():
+    from omnict_core.evaluation.tower_probe import allowed_classes
+    from omnict_core.training.vision_pretrain import QuestionVocab
+
+    vocab = QuestionVocab(keys=["size_mc|2d|kidney_stone"], classes=[["5-10 mm", "<=5 mm", ">10 mm", "none"]])
+    allowed = allowed_classes(vocab, 0, {"options": [">10 mm", "<=5 mm"]})
+    assert allowed.tolist() == [False, True, True, False]
+    assert allowed_classes(vocab, 0, {"options": None}).tolist() == [True, True, True, True]
+
+
+def test_probe_fits_training_questions_and_answers_in_the_benchmark_format(vqa_dir, model_dir, tmp_path):
+    from omnict_core.data.dataset import read_jsonl
+    from omnict_core.evaluation.metrics import extract_choice
+    from omnict_core.evaluation.tower_probe import ProbeConfig, run_probe
+
+    weights_before = (model_dir / "model.safetensors").read_bytes()
+    results = run_probe(ProbeConfig(model_dir=str(model_dir), data_dir=str(vqa_dir), epochs=40, lr=1e-2,
+                                    batch_images=16))
+    history = results["history"]
+    # the head learns the training questions from the (random, frozen) tower's tokens
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert history[-1]["train_acc"] > history[0]["train_acc"]
+    # every closed benchmark question of a key seen in training is scored, in the benchmark's answer format
+    bench = {s["id"]: s for s in read_jsonl(vqa_dir / "bench.jsonl")}
+    closed = [s for s in bench.values() if s["task_type"] in ("judgment", "multiple_choice")]
+    assert results["samples"] + results["unscored"] == len(closed) and results["samples"] > 0
+    for row in results["predictions"]:
+        sample, prediction = bench[row["id"]], row["prediction"]
+        if sample["task_type"] == "judgment":
+            assert prediction in ("Yes", "No")
+        else:
+            letter, text = prediction.split(". ", 1)
+            assert text in sample["options"] and extract_choice(prediction) == letter
+            assert sample["options"].index(text) == "ABCDEF".index(letter)
+    overall = results["conditions"]["normal"]["overall"]
+    assert overall["closed_n"] == results["samples"] and 0.0 <= overall["accuracy"] <= 1.0
+    json.dumps(results)  # the CLI writes it as JSON
+    assert (model_dir / "model.safetensors").read_bytes() == weights_before  # the checkpoint is only read
