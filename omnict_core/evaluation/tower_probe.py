@@ -12,7 +12,9 @@ with that head, in the tables of ``omnict-node eval``.
 
 Reading it: the head sees what the LLM sees of the image (the tower tokens and the question's organ ROI), through
 a far shorter path. Its held-out accuracy is what the tower's features support; the gap from there down to the
-checkpoint's own score lies after the tower.
+checkpoint's own score lies after the tower. ``--read-at projector`` probes the MHP's tokens instead (after TPE and
+the m x m unshuffle, exactly what is spliced into the LLM; a token is in the ROI when any of its m x m patches is),
+which splits that gap into the projector's part and the LLM's part.
 
 Answers: judgment -> "Yes" / "No"; multiple choice -> the head chooses among the question's options (by their
 text, as the LLM reads them) and answers "<letter>. <option>". A benchmark question whose key has no closed answer
@@ -65,13 +67,14 @@ class ProbeConfig:
     num_threads: int | None = None
     max_train_samples: int | None = None  # only the first N training samples (tests)
     limit: int | None = None  # only the first N benchmark samples
+    read_at: str = "tower"  # "tower": the tower's patch tokens; "projector": the MHP's tokens (after TPE + unshuffle)
 
 
 @dataclass
 class ProbeImage:
     """The frozen tower's tokens of one image and the closed questions asked of it."""
 
-    tokens: torch.Tensor  # (L, d_v) float16
+    tokens: torch.Tensor  # (L, d) float16: tower tokens (d = d_v) or projector tokens (d = d_h)
     keys: torch.Tensor  # (Q,) long: question-key index
     answers: torch.Tensor  # (Q,) long: answer-class index, -1 when training never saw this answer
     roi: torch.Tensor  # (Q, L) bool: tokens under the question's ROI
@@ -88,21 +91,37 @@ def allowed_classes(vocab: QuestionVocab, key: int, sample: dict) -> torch.Tenso
     return allowed
 
 
+READ_POINTS = ("tower", "projector")
+
+
 @torch.no_grad()
-def tower_tokens(model, units: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """Units (N_u, 3, S, S) -> the tower's patch tokens of the image, (N_u * h * w, d_v) float16."""
+def image_tokens(model, units: torch.Tensor, dim: str, read_at: str, bf16: bool) -> torch.Tensor:
+    """Units (N_u, 3, S, S) -> the image's tokens at ``read_at``: the tower's patch tokens (N_u * h * w, d_v), or
+    the projector's global tokens (N_u * h/m * w/m, d_h) as the LLM receives them; float16."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         features = model._vision_features(units)  # (N_u, h, w, d_v)
+        if read_at == "projector":
+            features = model._project(features, dim)  # (N_u, h/m, w/m, d_h)
     return features.reshape(-1, features.shape[-1]).to(torch.float16)
 
 
-def encode_questions(model, cache, samples: Sequence[dict], vocab: QuestionVocab, bf16: bool
+def roi_mask_at(model, lab_units: torch.Tensor, roi_ids, dim: str, read_at: str) -> torch.Tensor:
+    """The tokens (at ``read_at``) touched by the ROI, (L,) bool; a projector token covers m x m patches."""
+    config = model.config
+    mask = roi_token_mask(lab_units, roi_ids, config.patch_size, config.patch_grid)  # (N_u * h * w,)
+    m = config.unshuffle(dim) if read_at == "projector" else 1
+    if m == 1:
+        return mask
+    grid = mask.view(-1, 1, config.patch_grid, config.patch_grid).float()
+    return F.max_pool2d(grid, m).flatten() > 0  # (N_u * h/m * w/m,)
+
+
+def encode_questions(model, cache, samples: Sequence[dict], vocab: QuestionVocab, read_at: str, bf16: bool
                      ) -> tuple[list[ProbeImage], list[tuple[int, int] | None]]:
-    """Run the tower once per image of ``samples``; returns the images and, per sample, (image position, question
+    """Run the tower (and projector) once per image of ``samples``; returns the images and, per sample, (image position, question
     row) or None when the sample's key has no closed answer set in ``vocab``."""
     from omnict_core.data.dataset import parse_image_ref
 
-    config = model.config
     by_image: dict[str, list[int]] = {}
     slots: list[tuple[int, int] | None] = [None] * len(samples)
     for i, sample in enumerate(samples):
@@ -119,11 +138,10 @@ def encode_questions(model, cache, samples: Sequence[dict], vocab: QuestionVocab
             names = vocab.classes[key]
             keys.append(key)
             answers.append(names.index(_answer_class(sample)) if _answer_class(sample) in names else -1)
-            rois.append(roi_token_mask(lab_units, sample.get("roi_label_ids") or (), config.patch_size,
-                                       config.patch_grid))
+            rois.append(roi_mask_at(model, lab_units, sample.get("roi_label_ids") or (), dim, read_at))
             allowed.append(allowed_classes(vocab, key, sample))
             slots[i] = (len(images), row)
-        images.append(ProbeImage(tower_tokens(model, units, bf16), torch.tensor(keys), torch.tensor(answers),
+        images.append(ProbeImage(image_tokens(model, units, dim, read_at, bf16), torch.tensor(keys), torch.tensor(answers),
                                  torch.stack(rois), torch.stack(allowed)))
     return images, slots
 
@@ -198,11 +216,12 @@ def run_probe(cfg: ProbeConfig) -> dict:
     train = read_jsonl(data_dir / "train.jsonl")[:cfg.max_train_samples]
     vocab = QuestionVocab.from_samples(train)
     started = time.perf_counter()
-    train_images, _ = encode_questions(model, ImageCache(data_dir, "train"), train, vocab, cfg.bf16)
+    train_images, _ = encode_questions(model, ImageCache(data_dir, "train"), train, vocab, cfg.read_at, cfg.bf16)
     bench = [s for s in read_jsonl(data_dir / f"{cfg.split}.jsonl")[:cfg.limit] if s["task_type"] in CLOSED_TASKS]
-    bench_images, slots = encode_questions(model, ImageCache(data_dir, cfg.split), bench, vocab, cfg.bf16)
+    bench_images, slots = encode_questions(model, ImageCache(data_dir, cfg.split), bench, vocab, cfg.read_at,
+                                          cfg.bf16)
     encode_s = time.perf_counter() - started
-    heads = VisionPretrainHeads(model.config.vision_config.hidden_size, len(ORGAN_GROUPS), vocab.valid_mask())
+    heads = VisionPretrainHeads(int(train_images[0].tokens.shape[-1]), len(ORGAN_GROUPS), vocab.valid_mask())
     started = time.perf_counter()
     history = train_head(heads, train_images, cfg)
     train_s = time.perf_counter() - started
@@ -228,17 +247,19 @@ def run_probe(cfg: ProbeConfig) -> dict:
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)
+@click.option("--read-at", type=click.Choice(READ_POINTS), default="tower", show_default=True,
+              help="tower: the vision tower's patch tokens; projector: the MHP's tokens, as the LLM receives them")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def main(model_dir: str, data_dir: str, split: str, epochs: int, lr: float, seed: int, threads: int | None,
-         out_path: Path | None) -> None:
+         read_at: str, out_path: Path | None) -> None:
     """Train a small answer head on a checkpoint's frozen vision tower and score the benchmark with it."""
     from omnict_core.evaluation.cli import render_report
 
     results = run_probe(ProbeConfig(model_dir=model_dir, data_dir=data_dir, split=split, epochs=epochs, lr=lr,
-                                    seed=seed, num_threads=threads))
+                                    seed=seed, num_threads=threads, read_at=read_at))
     report = render_report(results)
     last = results["history"][-1]
-    click.echo(f"tower probe: {results['train_images']} training images, {results['question_keys']} question keys, "
+    click.echo(f"probe at the {read_at}: {results['train_images']} training images, {results['question_keys']} question keys, "
                f"last epoch training accuracy {last['train_acc']:.3f}; {results['unscored']} benchmark questions "
                f"unscored")
     click.echo(report)

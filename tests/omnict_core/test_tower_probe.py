@@ -64,3 +64,27 @@ def test_probe_fits_training_questions_and_answers_in_the_benchmark_format(vqa_d
     assert overall["closed_n"] == results["samples"] and 0.0 <= overall["accuracy"] <= 1.0
     json.dumps(results)  # the CLI writes it as JSON
     assert (model_dir / "model.safetensors").read_bytes() == weights_before  # the checkpoint is only read
+
+
+def test_projector_read_point_gives_one_token_per_unshuffle_window_and_pools_the_roi(model_dir):
+    from omnict_core.evaluation.tower_probe import image_tokens, roi_mask_at
+    from omnict_core.modeling_omnict import load_omnict
+
+    model, _ = load_omnict(model_dir)
+    config = model.config
+    grid, patch, m = config.patch_grid, config.patch_size, config.unshuffle("3d")
+    assert m > 1
+    size = grid * patch
+    labels = torch.zeros(2, 3, size, size, dtype=torch.int32)  # 2 volume units
+    labels[1, 0, patch * (m + 1), patch * m] = 5  # one pixel in patch (m + 1, m) of unit 1
+    tower_mask = roi_mask_at(model, labels, (5,), "3d", "tower")
+    projector_mask = roi_mask_at(model, labels, (5,), "3d", "projector")
+    side = grid // m
+    assert tower_mask.shape == (2 * grid * grid,) and int(tower_mask.sum()) == 1
+    assert projector_mask.shape == (2 * side * side,)
+    assert projector_mask.nonzero().flatten().tolist() == [side * side + 1 * side + 1]  # window (1, 1) of unit 1
+    units = torch.zeros(2, 3, size, size)
+    tokens = image_tokens(model, units, "3d", "projector", bf16=False)
+    assert tokens.shape == (2 * side * side, config.text_config.hidden_size)
+    assert image_tokens(model, units, "3d", "tower", bf16=False).shape == (2 * grid * grid,
+                                                                              config.vision_config.hidden_size)
