@@ -72,7 +72,7 @@ class ProbeConfig:
 
 @dataclass
 class ProbeImage:
-    """The frozen tower's tokens of one image and the closed questions asked of it."""
+    """One image's tokens at the read point (frozen model) and the closed questions asked of it."""
 
     tokens: torch.Tensor  # (L, d) float16: tower tokens (d = d_v) or projector tokens (d = d_h)
     keys: torch.Tensor  # (Q,) long: question-key index
@@ -118,8 +118,8 @@ def roi_mask_at(model, lab_units: torch.Tensor, roi_ids, dim: str, read_at: str)
 
 def encode_questions(model, cache, samples: Sequence[dict], vocab: QuestionVocab, read_at: str, bf16: bool
                      ) -> tuple[list[ProbeImage], list[tuple[int, int] | None]]:
-    """Run the tower (and projector) once per image of ``samples``; returns the images and, per sample, (image position, question
-    row) or None when the sample's key has no closed answer set in ``vocab``."""
+    """Run the tower (and the projector) once per image of ``samples``; returns the images and, per sample,
+    (image position, question row) or None when the sample's key has no closed answer set in ``vocab``."""
     from omnict_core.data.dataset import parse_image_ref
 
     by_image: dict[str, list[int]] = {}
@@ -141,8 +141,8 @@ def encode_questions(model, cache, samples: Sequence[dict], vocab: QuestionVocab
             rois.append(roi_mask_at(model, lab_units, sample.get("roi_label_ids") or (), dim, read_at))
             allowed.append(allowed_classes(vocab, key, sample))
             slots[i] = (len(images), row)
-        images.append(ProbeImage(image_tokens(model, units, dim, read_at, bf16), torch.tensor(keys), torch.tensor(answers),
-                                 torch.stack(rois), torch.stack(allowed)))
+        images.append(ProbeImage(image_tokens(model, units, dim, read_at, bf16), torch.tensor(keys),
+                                 torch.tensor(answers), torch.stack(rois), torch.stack(allowed)))
     return images, slots
 
 
@@ -259,9 +259,9 @@ def main(model_dir: str, data_dir: str, split: str, epochs: int, lr: float, seed
                                     seed=seed, num_threads=threads, read_at=read_at))
     report = render_report(results)
     last = results["history"][-1]
-    click.echo(f"probe at the {read_at}: {results['train_images']} training images, {results['question_keys']} question keys, "
-               f"last epoch training accuracy {last['train_acc']:.3f}; {results['unscored']} benchmark questions "
-               f"unscored")
+    click.echo(f"probe at the {read_at}: {results['train_images']} training images, "
+               f"{results['question_keys']} question keys, last epoch training accuracy {last['train_acc']:.3f}; "
+               f"{results['unscored']} benchmark questions unscored")
     click.echo(report)
     if out_path:
         out_path.parent.mkdir(parents=True, exist_ok=True)
