@@ -47,7 +47,7 @@ from omnict_core.training.vision_pretrain import (
     ORGAN_GROUPS,
     QuestionVocab,
     VisionPretrainHeads,
-    _answer_class,
+    answer_class,
     image_units,
     roi_token_mask,
 )
@@ -83,12 +83,9 @@ class ProbeImage:
 
 def allowed_classes(vocab: QuestionVocab, key: int, sample: dict) -> torch.Tensor:
     """(C,) bool: the key's classes, and for multiple choice only those that are options of this question."""
-    allowed = vocab.valid_mask()[key].clone()
-    if sample.get("options"):
-        options = set(sample["options"])
-        for c, name in enumerate(vocab.classes[key]):
-            allowed[c] = allowed[c] and name in options
-    return allowed
+    names = vocab.classes[key]
+    options = set(sample.get("options") or names)
+    return torch.tensor([name in options for name in names] + [False] * (vocab.max_classes - len(names)))
 
 
 READ_POINTS = ("tower", "projector")
@@ -137,7 +134,8 @@ def encode_questions(model, cache, samples: Sequence[dict], vocab: QuestionVocab
             key = vocab.key_index(sample["question_key"])
             names = vocab.classes[key]
             keys.append(key)
-            answers.append(names.index(_answer_class(sample)) if _answer_class(sample) in names else -1)
+            answer = answer_class(sample)
+            answers.append(names.index(answer) if answer in names else -1)
             rois.append(roi_mask_at(model, lab_units, sample.get("roi_label_ids") or (), dim, read_at))
             allowed.append(allowed_classes(vocab, key, sample))
             slots[i] = (len(images), row)
@@ -227,8 +225,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     train_s = time.perf_counter() - started
     predictions = predict(heads, bench_images, bench, slots, vocab)
     scored = [(s, p) for s, p in zip(bench, predictions) if p is not None]
-    summary = summarize(score_predictions([s for s, _ in scored], [p for _, p in scored], group_keys=(
-        "organ", "category", "finding_type", "size_bucket", "dim", "task_type")))
+    summary = summarize(score_predictions([s for s, _ in scored], [p for _, p in scored]))
     return {
         "model": str(cfg.model_dir), "use_ose": model.config.use_ose, "data": str(cfg.data_dir), "split": cfg.split,
         "samples": len(scored), "unscored": len(bench) - len(scored), "probe_config": asdict(cfg),

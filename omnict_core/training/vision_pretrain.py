@@ -92,7 +92,7 @@ class QuestionVocab:
         answers: dict[str, set[str]] = defaultdict(set)
         for s in samples:
             if s["task_type"] in CLASS_TASKS:
-                answers[s["question_key"]].add(_answer_class(s))
+                answers[s["question_key"]].add(answer_class(s))
         keys = sorted(k for k, v in answers.items() if 2 <= len(v) <= max_classes)
         return cls(keys=keys, classes=[sorted(answers[k]) for k in keys])
 
@@ -118,13 +118,13 @@ class QuestionVocab:
         key_index = self.key_index(sample["question_key"])
         if key_index is None:
             return None
-        return key_index, self.classes[key_index].index(_answer_class(sample))
+        return key_index, self.classes[key_index].index(answer_class(sample))
 
     def __post_init__(self) -> None:
         self._index = {k: i for i, k in enumerate(self.keys)}
 
 
-def _answer_class(sample: dict) -> str:
+def answer_class(sample: dict) -> str:
     """The answer content (multiple choice: the option text, not the shuffled letter)."""
     return str(sample.get("answer_content") or sample["answer"])
 

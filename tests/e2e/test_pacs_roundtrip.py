@@ -137,11 +137,11 @@ def _worker_pids(node_pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def _running_stage(node, study_uid: str, stage: str) -> StageRecord | None:
+def _stage_running(node, study_uid: str, stage: str) -> bool:
     with session_scope(node.session_factory) as session:
-        return session.scalars(select(StageRecord).join(PipelineRun).join(Study).where(
+        return session.scalar(select(StageRecord.id).join(PipelineRun).join(Study).where(
             Study.study_instance_uid == study_uid, StageRecord.stage == stage,
-            StageRecord.outcome == "running")).first()
+            StageRecord.outcome == "running").limit(1)) is not None
 
 
 def _kill_workers_inside_stage(node, study_uid: str, stage: str, timeout: float = 300.0) -> None:
@@ -150,14 +150,14 @@ def _kill_workers_inside_stage(node, study_uid: str, stage: str, timeout: float 
     Inference takes about a second, so the stage row is polled every 10 ms rather than the run state every 200 ms.
     The workers are frozen (SIGSTOP) before the row is read again: a stage still `running` then cannot finish."""
     deadline = time.monotonic() + timeout
-    while _running_stage(node, study_uid, stage) is None:
+    while not _stage_running(node, study_uid, stage):
         assert time.monotonic() < deadline, f"stage {stage} never started:\n{node.log_text()[-4000:]}"
         time.sleep(0.01)
     workers = _worker_pids(node.process.pid)
     assert workers, "the embedded worker process was not found"
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)
-    assert _running_stage(node, study_uid, stage) is not None, f"stage {stage} finished before the workers stopped"
+    assert _stage_running(node, study_uid, stage), f"stage {stage} finished before the workers stopped"
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
 

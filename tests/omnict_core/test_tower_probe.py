@@ -88,3 +88,16 @@ def test_projector_read_point_gives_one_token_per_unshuffle_window_and_pools_the
     assert tokens.shape == (2 * side * side, config.text_config.hidden_size)
     assert image_tokens(model, units, "3d", "tower", bf16=False).shape == (2 * grid * grid,
                                                                               config.vision_config.hidden_size)
+
+
+def test_probe_scored_on_its_training_split_reproduces_the_fit(vqa_dir, model_dir):
+    """Each scored answer is the head's answer to that very question of that very image: on the questions it was
+    trained on, the probe scores what it fitted (a mix-up of images or question rows would fall to chance)."""
+    from omnict_core.evaluation.tower_probe import ProbeConfig, run_probe
+
+    results = run_probe(ProbeConfig(model_dir=str(model_dir), data_dir=str(vqa_dir), split="train", epochs=40,
+                                    lr=1e-2, batch_images=16))
+    overall = results["conditions"]["normal"]["overall"]
+    assert results["unscored"] == 0
+    assert overall["accuracy"] >= 0.9 * results["history"][-1]["train_acc"]
+    assert overall["accuracy"] > overall["chance"] + 0.3
