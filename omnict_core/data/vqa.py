@@ -22,6 +22,7 @@ image-blind model scores 0.5 on judgment and 1/k on k-option questions (paper Ta
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,7 @@ AMOUNT_TYPES = ("pleural_effusion", "pneumothorax")
 #: below it the finding is sub-voxel there and is asked on 2D slices only (the paper's slice-driven path).
 VOLUME_MIN_SIZE_MM = {"lung_nodule": 10.0, "liver_lesion": 20.0, "kidney_stone": 6.0}
 LETTERS = "ABCDEF"
+CHOICE_INSTRUCTION = "Answer with the option's letter."
 
 
 def size_bucket(finding_type: str, size_mm: float, params: dict | None = None) -> str:
@@ -392,6 +394,36 @@ def _expected_answers(groups: dict[str, list[Intent]]) -> list[str]:
     return list(sample.options or sorted(groups))
 
 
+def format_choices(stem: str, options: Sequence[str], correct: str) -> tuple[str, str]:
+    """A multiple-choice question and its answer: ``('stem\\nA. x\\nB. y\\n<instruction>', 'B. y')``
+    for ``correct == 'y'``. The lettered form every MC sample's human and gpt turns use."""
+    lines = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
+    return f"{stem}\n{lines}\n{CHOICE_INSTRUCTION}", f"{LETTERS[list(options).index(correct)]}. {correct}"
+
+
+def reletter_choices(sample: dict, rng: np.random.Generator) -> dict:
+    """A copy of a multiple-choice sample with its options in a new random order: the question's option lines, the
+    answer letter and ``options`` all follow the new order. Any other sample is returned as it is.
+
+    Why: training on fresh letter assignments each time a sample is drawn leaves the answer letter nothing to be
+    learned from but the lookup (which listed option says what the image shows); a fixed order per sample lets a
+    small LLM fall back on letter priors (model card, "Where the accuracy is lost").
+    """
+    if sample.get("task_type") != "multiple_choice":
+        return sample
+    options, correct = list(sample["options"]), sample["answer_content"]
+    human = sample["conversations"][0]["value"]
+    old_question, _ = format_choices("", options, correct)
+    if not human.endswith(old_question):
+        raise ValueError(f"sample {sample.get('id')}: question does not end with its lettered options")
+    stem = human[: -len(old_question)]
+    new_options = [options[i] for i in rng.permutation(len(options))]
+    question, answer = format_choices(stem, new_options, correct)
+    conversations = [{**sample["conversations"][0], "value": question},
+                     {**sample["conversations"][1], "value": answer}, *sample["conversations"][2:]]
+    return {**sample, "conversations": conversations, "answer": answer, "options": new_options}
+
+
 def to_sample(intent: Intent, sample_id: str, rng: np.random.Generator, label_ids: dict[str, int],
               study_seed: int) -> dict[str, Any]:
     """Intent -> JSON sample (letters shuffled for MC)."""
@@ -403,10 +435,7 @@ def to_sample(intent: Intent, sample_id: str, rng: np.random.Generator, label_id
         picked = [intent.answer] + [others[i] for i in rng.choice(len(others), size=k - 1, replace=False)]
         order = rng.permutation(len(picked))
         options = [picked[i] for i in order]
-        letter = LETTERS[options.index(intent.answer)]
-        question = question + "\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options)) + \
-            "\nAnswer with the option's letter."
-        answer = f"{letter}. {intent.answer}"
+        question, answer = format_choices(question, options, intent.answer)
     elif intent.task_type == "judgment":
         question = question + " Answer yes or no."
     return {

@@ -38,6 +38,10 @@ def render_report(results: dict) -> str:
     acc = overall["accuracy"]
     lines.append(f"closed-question accuracy {acc:.3f} on {overall['closed_n']} (chance {overall['chance']:.3f})"
                  if acc is not None else "no closed questions")
+    if overall.get("choice_n"):
+        lines.append(f"multiple choice ({overall['choice_n']}): named option right {overall['choice_named']:.3f}, "
+                     f"letter agrees with the named option {overall['choice_letter_agrees']:.3f} "
+                     "(diagnostic; the score reads the letter)")
     if normal.get("meteor_unavailable"):
         lines.append(f"METEOR unavailable: {normal['meteor_unavailable']}")
     lines.append("")

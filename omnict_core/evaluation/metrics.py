@@ -53,6 +53,14 @@ def is_correct(sample: dict, prediction: str) -> bool:
     return tokenize(prediction) == tokenize(answer)
 
 
+def named_option(sample: dict, prediction: str) -> str | None:
+    """The option a multiple-choice answer names after its letter: 'A. right kidney' -> 'right kidney' when that
+    is one of the sample's ``options`` (compared as lower-case words); None when it names none of them."""
+    text = re.sub(r"^\s*\(?[A-Za-z](?:[\).:,]|\s|$)\s*", "", prediction, count=1)
+    words = tokenize(text)
+    return next((option for option in sample.get("options") or () if tokenize(option) == words), None)
+
+
 def chance_level(sample: dict) -> float:
     """Expected accuracy of a guess that ignores the image: 1/2 for yes/no, 1/k for k lettered options."""
     if sample["task_type"] == "judgment":
@@ -120,6 +128,12 @@ class GroupScore:
     closed_correct: int = 0
     closed_total: int = 0
     chance_sum: float = 0.0
+    # Multiple choice, read two ways (a diagnostic beside the scored letter): did the answer name the right
+    # option's text, and does its letter point at the option it names? A model that sees the finding but cannot
+    # look up its letter scores high on the first and at chance on the second.
+    choice_total: int = 0
+    choice_named_correct: int = 0
+    choice_letter_agrees: int = 0
     open_metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, sample: dict, prediction: str, open_scores: dict | None) -> None:
@@ -127,15 +141,37 @@ class GroupScore:
             self.closed_total += 1
             self.closed_correct += int(is_correct(sample, prediction))
             self.chance_sum += chance_level(sample)
+            if sample["task_type"] == "multiple_choice":
+                self.add_choice(sample, prediction)
         elif open_scores is not None:
             self.open_metrics["exact"].append(float(is_correct(sample, prediction)))
             for name, value in open_scores.items():
                 if value is not None:
                     self.open_metrics[name].append(value)
 
+    def add_choice(self, sample: dict, prediction: str) -> None:
+        options = list(sample["options"])
+
+        def option_at(letter: str | None) -> str | None:
+            index = ord(letter) - ord("A") if letter else len(options)
+            return options[index] if index < len(options) else None
+
+        named = named_option(sample, prediction)
+        self.choice_total += 1
+        self.choice_named_correct += int(named is not None and named == option_at(extract_choice(sample["answer"])))
+        self.choice_letter_agrees += int(named is not None and named == option_at(extract_choice(prediction)))
+
     @property
     def accuracy(self) -> float | None:
         return self.closed_correct / self.closed_total if self.closed_total else None
+
+    @property
+    def choice_named_accuracy(self) -> float | None:
+        return self.choice_named_correct / self.choice_total if self.choice_total else None
+
+    @property
+    def choice_letter_agreement(self) -> float | None:
+        return self.choice_letter_agrees / self.choice_total if self.choice_total else None
 
     @property
     def chance(self) -> float | None:
@@ -181,6 +217,8 @@ def summarize(result: dict) -> dict:
                "open_n": score.open_count}
         for name in OPEN_METRIC_NAMES:
             out[name] = score.open_mean(name)
+        out.update(choice_n=score.choice_total, choice_named=score.choice_named_accuracy,
+                   choice_letter_agrees=score.choice_letter_agreement)
         return out
 
     return {

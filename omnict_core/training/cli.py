@@ -52,10 +52,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 @click.option("--max-samples", type=int, default=None, help="use only the first N training samples")
 @click.option("--loss-average", type=click.Choice(["token", "sample"]), default="token", show_default=True,
               help="token: mean over all answer tokens of a batch; sample: per-sample mean, then over samples")
+@click.option("--reletter-choices/--fixed-choices", default=False, show_default=True,
+              help="give each multiple-choice sample a new option order every time it is drawn")
+@click.option("--choice-letter-weight", type=float, default=1.0, show_default=True,
+              help="loss weight of a multiple-choice answer's letter token (1 = plain LM loss)")
 def train(data_dir: Path, out_dir: Path, stage: int, preset: str, config_json: Path | None, no_ose: bool,
           init_from: Path | None, steps: int, batch_size: int, grad_accum: int, lr: float | None,
           warmup_ratio: float, weight_decay: float, seed: int, bf16: bool, save_every: int, threads: int | None,
-          vision_frozen: bool, resume: bool, max_samples: int | None, loss_average: str) -> None:
+          vision_frozen: bool, resume: bool, max_samples: int | None, loss_average: str, reletter_choices: bool,
+          choice_letter_weight: float) -> None:
     """Train OmniCT (one stage) on phantom VQA data; writes an HF model directory to --out."""
     from omnict_core.training.trainer import TrainConfig, Trainer
 
@@ -71,7 +76,8 @@ def train(data_dir: Path, out_dir: Path, stage: int, preset: str, config_json: P
                       config_overrides=overrides, init_from=str(init_from) if init_from else None, steps=steps,
                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
                       weight_decay=weight_decay, seed=seed, bf16=bf16, save_every=save_every, num_threads=threads,
-                      vision_frozen=vision_frozen, max_samples=max_samples, loss_average=loss_average)
+                      vision_frozen=vision_frozen, max_samples=max_samples, loss_average=loss_average,
+                      reletter_choices=reletter_choices, choice_letter_weight=choice_letter_weight)
     trainer = Trainer(cfg)
     total = sum(p.numel() for p in trainer.model.parameters())
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

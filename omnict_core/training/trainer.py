@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from omnict_core.data.vqa import reletter_choices
 from omnict_core.training.schedule import make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,12 @@ class TrainConfig:
     # "sample": each sample's mean over its own answer tokens, then the mean over samples (a one-token yes/no answer
     # weighs as much as a 34-token report, the phantom reports' mean length)
     loss_average: str = "token"
+    # Multiple-choice samples get a new option order each time they are drawn (``vqa.reletter_choices``), so the
+    # answer letter can only be learned as a lookup of the option that names the finding, not as a letter prior.
+    reletter_choices: bool = False
+    # Loss weight of a multiple-choice answer's first token (its letter, the token the closed-question score reads)
+    # relative to the answer's other tokens; 1 = the plain language-model loss.
+    choice_letter_weight: float = 1.0
 
     @property
     def peak_lr(self) -> float:
@@ -124,14 +132,49 @@ class SamplePlan:
         return out
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy averaged over each sample's labelled tokens, then over the samples.
-    logits (B, T, V); labels (B, T), -100 where not supervised (prompt, padding)."""
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, average: str = "sample",
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (answer) tokens, optionally weighted per token.
+
+    logits (B, T, V); labels (B, T), -100 where not supervised (prompt, padding); weights (B, T) aligned with
+    ``labels`` (None = all 1). ``average="sample"``: each sample's weighted mean over its own tokens, then the mean
+    over samples; ``"token"``: the weighted mean over all labelled tokens of the batch (unweighted, HF's loss).
+    """
     targets = labels[:, 1:]  # position t predicts token t + 1
     per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
                                 reduction="none")  # (B, T - 1)
-    counts = (targets != -100).sum(dim=1)
-    return (per_token.sum(dim=1) / counts.clamp_min(1))[counts > 0].mean()
+    supervised = (targets != -100).float()  # (B, T - 1)
+    w = supervised if weights is None else weights[:, 1:].float() * supervised
+    if average == "token":
+        return (per_token * w).sum() / w.sum().clamp_min(1e-12)
+    totals = w.sum(dim=1)  # (B,)
+    per_sample = (per_token * w).sum(dim=1) / totals.clamp_min(1e-12)
+    return per_sample[supervised.sum(dim=1) > 0].mean()
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over each sample's labelled tokens, then over the samples."""
+    return answer_loss(logits, labels, "sample")
+
+
+def choice_letter_weights(labels: torch.Tensor, is_choice: Sequence[bool], weight: float) -> torch.Tensor:
+    """(B, T) loss weights: ``weight`` at the first answer token of each multiple-choice row, 1 elsewhere."""
+    weights = torch.ones(labels.shape, dtype=torch.float32)
+    supervised = labels != -100
+    first = supervised.float().argmax(dim=1)  # (B,) index of each row's first answer token
+    for row, choice in enumerate(is_choice):
+        if choice and bool(supervised[row].any()):
+            weights[row, first[row]] = weight
+    return weights
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: float | None) -> None:
+    """Clip the gradient norm of the optimizer's parameters (0 / None: no clipping), step, advance the LR."""
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                       max_grad_norm)
+    optimizer.step()
+    scheduler.step()
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -222,10 +265,33 @@ class Trainer:
         return True
 
     # --------------------------------------------------------------------------------------------- steps
-    def next_batch(self) -> dict:
+    def next_items(self) -> list[dict]:
+        """The next micro-batch's dataset items; with ``reletter_choices`` each MC sample's options get an order
+        drawn from (seed, data position), so a resumed run sees the same orders."""
         indices = self.plan.indices(self.position, self.cfg.batch_size)
+        items = [self.dataset[i] for i in indices]
+        if self.cfg.reletter_choices:
+            for offset, item in enumerate(items):
+                rng = np.random.default_rng((self.cfg.seed, self.position + offset))
+                item["sample"] = reletter_choices(item["sample"], rng)
         self.position += len(indices)
-        return self.collator([self.dataset[i] for i in indices])
+        return items
+
+    def micro_batch_loss(self, items: list[dict]) -> torch.Tensor:
+        """The training loss of one micro-batch (``loss_average``, ``choice_letter_weight``)."""
+        cfg = self.cfg
+        batch = self.collator(items)
+        weighted = cfg.choice_letter_weight != 1.0
+        labels = batch.pop("labels") if cfg.loss_average == "sample" or weighted else None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = self.model(**batch)
+        if labels is None:
+            return out.loss.float()
+        weights = None
+        if weighted:
+            is_choice = [item["sample"].get("task_type") == "multiple_choice" for item in items]
+            weights = choice_letter_weights(labels, is_choice, cfg.choice_letter_weight)
+        return answer_loss(out.logits, labels, cfg.loss_average, weights)
 
     def train_step(self) -> float:
         """One optimizer step (grad_accum micro-batches); returns the mean micro-batch loss."""
@@ -233,18 +299,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for _ in range(cfg.grad_accum):
-            batch = self.next_batch()
-            labels = batch.pop("labels") if cfg.loss_average == "sample" else None
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                out = self.model(**batch)
-            loss = out.loss.float() if labels is None else per_sample_loss(out.logits, labels)
+            loss = self.micro_batch_loss(self.next_items())
             (loss / cfg.grad_accum).backward()
             losses.append(float(loss.detach()))
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                           cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        clip_and_step(self.optimizer, self.scheduler, cfg.max_grad_norm)
         self.step += 1
         return float(np.mean(losses))
 

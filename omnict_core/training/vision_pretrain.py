@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnict_core.training.schedule import make_scheduler
+from omnict_core.training.trainer import clip_and_step
 
 #: organ groups of the patch head: name -> TotalSegmentator label names (group 0 = label 0, the last = the rest);
 #: every group between them is the one label of its name
@@ -299,11 +300,7 @@ class VisionPretrainer:
         out = self.batch_loss([self.images[i] for i in chosen])
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        clip_and_step(self.optimizer, self.scheduler, self.cfg.max_grad_norm)
         self.step += 1
         return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
 

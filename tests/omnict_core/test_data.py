@@ -77,6 +77,33 @@ def test_multiple_choice_answers_match_their_letter_and_truth(tiny_vqa_dir):
         assert f"{letter}. {content}" in s["conversations"][0]["value"]
 
 
+def test_relettered_choices_keep_the_question_and_point_at_the_true_option(tiny_vqa_dir):
+    """Training's option reshuffle: a new order per draw, the same stem and option set, the letter following the
+    true option; other task types untouched; the source sample never modified."""
+    from omnict_core.data.vqa import LETTERS, reletter_choices
+
+    samples = _samples(tiny_vqa_dir, "train")
+    mc = [s for s in samples if s["task_type"] == "multiple_choice"]
+    rng = np.random.default_rng(0)
+    letters_seen: dict[str, set] = defaultdict(set)
+    for s in mc:
+        before = json.dumps(s, sort_keys=True)
+        for _ in range(20):
+            new = reletter_choices(s, rng)
+            letter, _, content = new["answer"].partition(". ")
+            assert content == s["answer_content"] and new["options"][LETTERS.index(letter)] == content
+            assert sorted(new["options"]) == sorted(s["options"])
+            question = new["conversations"][0]["value"]
+            assert question.split("\nA. ")[0] == s["conversations"][0]["value"].split("\nA. ")[0]
+            assert all(f"\n{LETTERS[i]}. {o}\n" in question for i, o in enumerate(new["options"]))
+            assert new["conversations"][1]["value"] == new["answer"]
+            letters_seen[s["id"]].add(letter)
+        assert json.dumps(s, sort_keys=True) == before
+    assert all(len(seen) > 1 for seen in letters_seen.values())  # 20 draws of >= 2 options: not one fixed letter
+    other = next(s for s in samples if s["task_type"] == "judgment")
+    assert reletter_choices(other, rng) is other
+
+
 def test_answers_follow_the_phantom_ground_truth(tiny_vqa_dir):
     """Lobe / side answers are re-derived from the generator's truth for the same seed."""
     from omnict_core.data.build import BuildOptions, study_spec

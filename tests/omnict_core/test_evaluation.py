@@ -122,3 +122,25 @@ def test_select_samples_filters_by_finding_and_size_bucket():
     assert ids(select_samples(samples, {"finding_type": ("lung_nodule", "kidney_stone")})) == [1, 2, 3]
     assert ids(select_samples(samples, {"finding_type": ("lung_nodule",), "size_bucket": ("<=10 mm",)})) == [1]
     assert ids(select_samples(samples, {"finding_type": (), "size_bucket": ("<=10 mm",)})) == [1, 4]
+
+
+def test_multiple_choice_diagnostic_separates_the_named_option_from_the_letter():
+    """An answer can name the right option's text under the wrong letter ('A. moderate' when moderate is B): the
+    score reads the letter; the diagnostic says how often the text was right and the letter pointed at it."""
+    from omnict_core.evaluation.metrics import named_option, score_predictions, summarize
+
+    options = ["small", "moderate", "large"]
+    sample = {"task_type": "multiple_choice", "answer": "B. moderate", "options": options, "organ": "lungs"}
+    assert named_option(sample, "A. moderate") == "moderate" and named_option(sample, "(b) Moderate") == "moderate"
+    assert named_option(sample, "B") is None and named_option(sample, "C. huge") is None
+    preds = ["A. moderate",  # right text, wrong letter: scored wrong
+             "B. moderate",  # right text, right letter
+             "C. large",  # wrong text, its letter agrees
+             "B. small"]  # wrong text under the right letter: scored right
+    out = summarize(score_predictions([sample] * 4, preds))["overall"]
+    assert out["accuracy"] == pytest.approx(2 / 4)
+    assert out["choice_n"] == 4
+    assert out["choice_named"] == pytest.approx(2 / 4)
+    assert out["choice_letter_agrees"] == pytest.approx(2 / 4)
+    judgment_only = summarize(score_predictions([{"task_type": "judgment", "answer": "Yes"}], ["Yes"]))["overall"]
+    assert judgment_only["choice_n"] == 0 and judgment_only["choice_named"] is None

@@ -131,3 +131,48 @@ def test_per_sample_loss_of_one_sample_is_the_language_model_loss():
     labels[:, :7] = -100  # the prompt
     out = lm(input_ids=ids, labels=labels)
     assert float(per_sample_loss(out.logits, labels)) == pytest.approx(float(out.loss), rel=1e-5)
+
+
+def test_choice_letter_weight_scales_only_the_letter_of_multiple_choice_answers():
+    """weights: w at each MC row's first answer token; the weighted per-sample mean is sum(w l) / sum(w)."""
+    from omnict_core.training.trainer import answer_loss, choice_letter_weights, per_sample_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 13)
+    labels = torch.full((2, 8), -100)
+    labels[0, 4:] = torch.tensor([3, 4, 5, 6])  # an MC answer: letter at 4, then '.', content, <|im_end|>
+    labels[1, 5:] = torch.tensor([7, 8, 9])  # a judgment answer
+    weights = choice_letter_weights(labels, [True, False], 3.0)
+    assert weights[0, 4] == 3.0 and float(weights.sum()) == 2 * 8 - 1 + 3.0
+    token_losses = [torch.nn.functional.cross_entropy(logits[i, :-1], labels[i, 1:], ignore_index=-100,
+                                                      reduction="none") for i in (0, 1)]
+    mc = token_losses[0][3:]  # targets 4..7 (position t predicts t + 1)
+    expected_mc = (3.0 * mc[0] + mc[1:].sum()) / (3.0 + 3)
+    expected = (expected_mc + token_losses[1][4:].mean()) / 2
+    assert float(answer_loss(logits, labels, "sample", weights)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(answer_loss(logits, labels, "sample", choice_letter_weights(labels, [True, False], 1.0))) == \
+        pytest.approx(float(per_sample_loss(logits, labels)), rel=1e-6)
+    flat = torch.cat([3.0 * mc[:1], mc[1:], token_losses[1][4:]])
+    assert float(answer_loss(logits, labels, "token", weights)) == pytest.approx(float(flat.sum() / 9), rel=1e-6)
+
+
+def test_relettered_training_draws_new_orders_and_repeats_them_after_a_resume(vqa_dir, tmp_path):
+    """--reletter-choices: the option order depends on (seed, data position) only, so two epochs differ and a
+    resumed run draws what the uninterrupted one drew; the dataset's own samples stay as written."""
+    from omnict_core.training.trainer import Trainer
+
+    cfg = _config(vqa_dir, tmp_path / "r", reletter_choices=True, choice_letter_weight=3.0, batch_size=40)
+    trainer = Trainer(cfg)
+    stored = [json.dumps(s, sort_keys=True) for s in trainer.dataset.samples]
+    epoch0, epoch1 = trainer.next_items(), trainer.next_items()  # 40 samples: one micro-batch = one epoch
+
+    def orders(items):
+        return {item["sample"]["id"]: item["sample"]["answer"] + "|" + item["sample"]["conversations"][0]["value"]
+                for item in items if item["sample"]["task_type"] == "multiple_choice"}
+
+    assert orders(epoch0) and orders(epoch0) != orders(epoch1)
+    again = Trainer(cfg)
+    assert orders(again.next_items()) == orders(epoch0)
+    assert [json.dumps(s, sort_keys=True) for s in trainer.dataset.samples] == stored
+    loss = trainer.micro_batch_loss(epoch0[:4])
+    assert loss.requires_grad and math.isfinite(float(loss))
