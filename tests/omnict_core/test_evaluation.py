@@ -8,12 +8,6 @@ import math
 import numpy as np
 import pytest
 
-from tests.omnict_core.test_data import build_tiny_vqa
-
-
-@pytest.fixture(scope="module")
-def vqa_dir(tmp_path_factory):
-    return build_tiny_vqa(tmp_path_factory)
 
 
 def test_closed_answer_parsing():

@@ -6,24 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
-from tests.omnict_core.test_data import build_tiny_vqa
-
-
-@pytest.fixture(scope="module")
-def vqa_dir(tmp_path_factory):
-    return build_tiny_vqa(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model_dir(vqa_dir, tmp_path_factory):
-    from omnict_core.modeling_omnict import build_model, save_omnict
-    from omnict_core.tokenization_omnict import load_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(str(vqa_dir / "tokenizer"))
-    return save_omnict(build_model("tiny", tokenizer), tokenizer, tmp_path_factory.mktemp("lookup") / "model")
 
 
 def test_prompt_states_the_right_option_and_the_target_is_its_letter(vqa_dir):
@@ -45,11 +27,11 @@ def test_prompt_states_the_right_option_and_the_target_is_its_letter(vqa_dir):
         stated_choice_prompt(broken)
 
 
-def test_encoded_batch_ends_each_row_at_the_assistant_header(vqa_dir, model_dir):
+def test_encoded_batch_ends_each_row_at_the_assistant_header(vqa_dir, random_model_dir):
     from omnict_core.evaluation.lookup_probe import choice_samples, encode_batch
     from omnict_core.tokenization_omnict import load_tokenizer
 
-    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer = load_tokenizer(str(random_model_dir))
     samples = choice_samples(vqa_dir, "train")[:5]
     input_ids, attention_mask, last, letters = encode_batch(tokenizer, samples)
     for row, sample in enumerate(samples):
@@ -58,17 +40,17 @@ def test_encoded_batch_ends_each_row_at_the_assistant_header(vqa_dir, model_dir)
         assert tokenizer.decode([int(letters[row])]) == sample["answer"][0]
 
 
-def test_probe_fine_tunes_a_copy_and_reports_a_curve(vqa_dir, model_dir):
+def test_probe_fine_tunes_a_copy_and_reports_a_curve(vqa_dir, random_model_dir):
     from omnict_core.evaluation.lookup_probe import LookupProbeConfig, run_lookup_probe
     from omnict_core.tokenization_omnict import load_tokenizer
 
-    weights_before = (model_dir / "model.safetensors").read_bytes()
-    result = run_lookup_probe(LookupProbeConfig(model_dir=str(model_dir), data_dir=str(vqa_dir), steps=30,
+    weights_before = (random_model_dir / "model.safetensors").read_bytes()
+    result = run_lookup_probe(LookupProbeConfig(model_dir=str(random_model_dir), data_dir=str(vqa_dir), steps=30,
                                                 batch_size=16, lr=3e-3, eval_every=10, num_threads=1),
                               progress=False)
     assert [row["step"] for row in result["curve"]] == [0, 10, 20, 30]
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in result["curve"])
     assert 0.2 < result["chance"] <= 0.5 and result["zero_shot"] == result["curve"][0]["accuracy"]
     # the copy learns at least where the letters are: far below the loss of a uniform guess over the vocabulary
-    assert result["curve"][-1]["loss"] < 0.5 * math.log(len(load_tokenizer(str(model_dir))))
-    assert (model_dir / "model.safetensors").read_bytes() == weights_before  # the checkpoint is not written
+    assert result["curve"][-1]["loss"] < 0.5 * math.log(len(load_tokenizer(str(random_model_dir))))
+    assert (random_model_dir / "model.safetensors").read_bytes() == weights_before  # the checkpoint is not written

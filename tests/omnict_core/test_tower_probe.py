@@ -5,25 +5,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
-
-from tests.omnict_core.test_data import build_tiny_vqa
-
-
-@pytest.fixture(scope="module")
-def vqa_dir(tmp_path_factory):
-    return build_tiny_vqa(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model_dir(vqa_dir, tmp_path_factory):
-    from omnict_core.modeling_omnict import build_model, save_omnict
-    from omnict_core.tokenization_omnict import load_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(str(vqa_dir / "tokenizer"))
-    return save_omnict(build_model("tiny", tokenizer), tokenizer, tmp_path_factory.mktemp("probe") / "model")
 
 
 def test_allowed_classes_are_the_options_of_a_multiple_choice_question():
@@ -36,13 +18,13 @@ def test_allowed_classes_are_the_options_of_a_multiple_choice_question():
     assert allowed_classes(vocab, 0, {"options": None}).tolist() == [True, True, True, True]
 
 
-def test_probe_fits_training_questions_and_answers_in_the_benchmark_format(vqa_dir, model_dir, tmp_path):
+def test_probe_fits_training_questions_and_answers_in_the_benchmark_format(vqa_dir, random_model_dir, tmp_path):
     from omnict_core.data.dataset import read_jsonl
     from omnict_core.evaluation.metrics import extract_choice
     from omnict_core.evaluation.tower_probe import ProbeConfig, run_probe
 
-    weights_before = (model_dir / "model.safetensors").read_bytes()
-    results = run_probe(ProbeConfig(model_dir=str(model_dir), data_dir=str(vqa_dir), epochs=40, lr=1e-2,
+    weights_before = (random_model_dir / "model.safetensors").read_bytes()
+    results = run_probe(ProbeConfig(model_dir=str(random_model_dir), data_dir=str(vqa_dir), epochs=40, lr=1e-2,
                                     batch_images=16))
     history = results["history"]
     # the head learns the training questions from the (random, frozen) tower's tokens
@@ -63,14 +45,14 @@ def test_probe_fits_training_questions_and_answers_in_the_benchmark_format(vqa_d
     overall = results["conditions"]["normal"]["overall"]
     assert overall["closed_n"] == results["samples"] and 0.0 <= overall["accuracy"] <= 1.0
     json.dumps(results)  # the CLI writes it as JSON
-    assert (model_dir / "model.safetensors").read_bytes() == weights_before  # the checkpoint is only read
+    assert (random_model_dir / "model.safetensors").read_bytes() == weights_before  # the checkpoint is only read
 
 
-def test_projector_read_point_gives_one_token_per_unshuffle_window_and_pools_the_roi(model_dir):
+def test_projector_read_point_gives_one_token_per_unshuffle_window_and_pools_the_roi(random_model_dir):
     from omnict_core.evaluation.tower_probe import image_tokens, roi_mask_at
     from omnict_core.modeling_omnict import load_omnict
 
-    model, _ = load_omnict(model_dir)
+    model, _ = load_omnict(random_model_dir)
     config = model.config
     grid, patch, m = config.patch_grid, config.patch_size, config.unshuffle("3d")
     assert m > 1
@@ -90,12 +72,12 @@ def test_projector_read_point_gives_one_token_per_unshuffle_window_and_pools_the
                                                                               config.vision_config.hidden_size)
 
 
-def test_probe_scored_on_its_training_split_reproduces_the_fit(vqa_dir, model_dir):
+def test_probe_scored_on_its_training_split_reproduces_the_fit(vqa_dir, random_model_dir):
     """Each scored answer is the head's answer to that very question of that very image: on the questions it was
     trained on, the probe scores what it fitted (a mix-up of images or question rows would fall to chance)."""
     from omnict_core.evaluation.tower_probe import ProbeConfig, run_probe
 
-    results = run_probe(ProbeConfig(model_dir=str(model_dir), data_dir=str(vqa_dir), split="train", epochs=40,
+    results = run_probe(ProbeConfig(model_dir=str(random_model_dir), data_dir=str(vqa_dir), split="train", epochs=40,
                                     lr=1e-2, batch_images=16))
     overall = results["conditions"]["normal"]["overall"]
     assert results["unscored"] == 0
