@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
 from api.settings import Role, WorklistRules
-from db.models import AuditEvent, Finding, PipelineRun, RunState, Study, WorklistItem, utcnow
+from db.models import AuditEvent, Finding, PipelineRun, RunState, Study, WorklistItem, as_utc, utcnow
 from omnict_node.logs import log_event
 
 log = logging.getLogger("omnict.worklist")
@@ -67,7 +67,7 @@ def urgency_from_findings(findings: Iterable[FindingLike], rules: WorklistRules)
 
 
 def hours_between(earlier: dt.datetime, later: dt.datetime) -> float:
-    return max(0.0, (_aware(later) - _aware(earlier)).total_seconds() / 3600.0)
+    return max(0.0, (as_utc(later) - as_utc(earlier)).total_seconds() / 3600.0)
 
 
 def aging_bonus(hours_waiting: float, rules: WorklistRules) -> float:
@@ -153,11 +153,6 @@ def priority_expression(rules: WorklistRules) -> ColumnElement[float]:
     return (priority_part + WorklistItem.urgency_score + stat_part + aging_part).label("priority")
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite returns naive datetimes even for timezone-aware columns; everything we store is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Reading the worklist
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,11 +187,11 @@ class WorklistEntry:
             "urgency_score": self.urgency_score,
             "stat": self.stat,
             "requested_priority": self.requested_priority,
-            "ready_at": _aware(self.ready_at).isoformat(),
+            "ready_at": as_utc(self.ready_at).isoformat(),
             "hours_waiting": round(self.hours_waiting, 3),
             "claimed_by": self.claimed_by,
-            "claimed_at": _aware(self.claimed_at).isoformat() if self.claimed_at else None,
-            "completed_at": _aware(self.completed_at).isoformat() if self.completed_at else None,
+            "claimed_at": as_utc(self.claimed_at).isoformat() if self.claimed_at else None,
+            "completed_at": as_utc(self.completed_at).isoformat() if self.completed_at else None,
             "run_id": self.run_id,
             "run_state": self.run_state,
             "modalities": self.modalities,
@@ -286,7 +281,7 @@ def list_worklist(session: Session, rules: WorklistRules, *, statuses: Sequence[
         raise ValueError(f"unknown run state {run_state!r}; use one of {[s.value for s in RunState]}")
     # Core execution on the session's connection: no ORM layer for a read-only page.
     rows = session.connection().execute(worklist_statement(rules, statuses, run_state),
-                                        {"now": _aware(now), "limit": limit, "offset": offset}).all()
+                                        {"now": as_utc(now), "limit": limit, "offset": offset}).all()
     entries = [_entry(row, rules, now) for row in rows]
     _fill_positive_findings(session, entries)
     return entries
@@ -297,7 +292,7 @@ def _entry(row, rules: WorklistRules, now: dt.datetime) -> WorklistEntry:
         study_instance_uid=row.study_instance_uid, status=row.status, priority=float(row.priority),
         level=urgency_level(row.stat, row.urgency_score, row.requested_priority, rules),
         urgency_score=row.urgency_score, stat=row.stat, requested_priority=row.requested_priority,
-        ready_at=_aware(row.ready_at), hours_waiting=hours_between(row.ready_at, now), claimed_by=row.claimed_by,
+        ready_at=as_utc(row.ready_at), hours_waiting=hours_between(row.ready_at, now), claimed_by=row.claimed_by,
         claimed_at=row.claimed_at, completed_at=row.completed_at, run_id=row.run_id,
         run_state=row.state.value if row.state is not None else None, modalities=row.modalities,
         study_date=row.study_date)
@@ -317,7 +312,7 @@ def get_entry(session: Session, study_uid: str, rules: WorklistRules, now: dt.da
               with_findings: bool = True) -> WorklistEntry | None:
     """The worklist entry of one study, whatever its status (``with_findings``: fill its positive findings)."""
     now = now or utcnow()
-    row = session.connection().execute(entry_statement(rules), {"now": _aware(now), "uid": study_uid}).first()
+    row = session.connection().execute(entry_statement(rules), {"now": as_utc(now), "uid": study_uid}).first()
     if row is None:
         return None
     entry = _entry(row, rules, now)

@@ -43,7 +43,13 @@ class UtcDateTime(TypeDecorator):
     cache_ok = True
 
     def process_result_value(self, value: dt.datetime | None, dialect) -> dt.datetime | None:
-        return value.replace(tzinfo=dt.timezone.utc) if value is not None and value.tzinfo is None else value
+        return as_utc(value) if value is not None else None
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """A datetime read back from the database as aware UTC. ORM columns get this from :class:`UtcDateTime`;
+    rows of hand-written SQL (``text()`` / Core selects of expressions) do not, and SQLite returns them naive."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
 class Base(DeclarativeBase):

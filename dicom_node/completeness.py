@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AuditEvent, PipelineRun, RunState, Series, Study, utcnow
+from db.models import AuditEvent, PipelineRun, RunState, Series, Study, as_utc, utcnow
 from db.session import session_scope
 from omnict_node.config import CompletenessSettings
 from omnict_node.logs import log_event
@@ -46,10 +46,6 @@ class CompletedRun:
     reason: str  # quiet | hard_limit | forced
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
-
-
 def completion_reason(
     now: dt.datetime,
     run_opened_at: dt.datetime,
@@ -58,10 +54,10 @@ def completion_reason(
     rules: CompletenessSettings,
 ) -> str | None:
     """Why a receiving run is complete at ``now`` (``'quiet'`` or ``'hard_limit'``), or None if it is not yet."""
-    if (now - _aware(run_opened_at)).total_seconds() >= rules.hard_limit_s:
+    if (now - as_utc(run_opened_at)).total_seconds() >= rules.hard_limit_s:
         return "hard_limit"
-    series_stable = all((now - _aware(t)).total_seconds() >= rules.series_quiet_s for t in series_last_received_at)
-    study_quiet = (now - _aware(study_last_received_at)).total_seconds() >= rules.study_quiet_s
+    series_stable = all((now - as_utc(t)).total_seconds() >= rules.series_quiet_s for t in series_last_received_at)
+    study_quiet = (now - as_utc(study_last_received_at)).total_seconds() >= rules.study_quiet_s
     return "quiet" if series_stable and study_quiet else None
 
 
