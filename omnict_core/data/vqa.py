@@ -401,6 +401,16 @@ def format_choices(stem: str, options: Sequence[str], correct: str) -> tuple[str
     return f"{stem}\n{lines}\n{CHOICE_INSTRUCTION}", f"{LETTERS[list(options).index(correct)]}. {correct}"
 
 
+def choice_stem(sample: dict) -> str:
+    """A multiple-choice sample's human turn without its lettered options and instruction (what
+    :func:`format_choices` was given); ValueError when the turn does not end with them."""
+    human = sample["conversations"][0]["value"]
+    lettered, _ = format_choices("", sample["options"], sample["answer_content"])
+    if not human.endswith(lettered):
+        raise ValueError(f"sample {sample.get('id')}: question does not end with its lettered options")
+    return human[: -len(lettered)]
+
+
 def reletter_choices(sample: dict, rng: np.random.Generator) -> dict:
     """A copy of a multiple-choice sample with its options in a new random order: the question's option lines, the
     answer letter and ``options`` all follow the new order. Any other sample is returned as it is.
@@ -412,13 +422,8 @@ def reletter_choices(sample: dict, rng: np.random.Generator) -> dict:
     if sample.get("task_type") != "multiple_choice":
         return sample
     options, correct = list(sample["options"]), sample["answer_content"]
-    human = sample["conversations"][0]["value"]
-    old_question, _ = format_choices("", options, correct)
-    if not human.endswith(old_question):
-        raise ValueError(f"sample {sample.get('id')}: question does not end with its lettered options")
-    stem = human[: -len(old_question)]
     new_options = [options[i] for i in rng.permutation(len(options))]
-    question, answer = format_choices(stem, new_options, correct)
+    question, answer = format_choices(choice_stem(sample), new_options, correct)
     conversations = [{**sample["conversations"][0], "value": question},
                      {**sample["conversations"][1], "value": answer}, *sample["conversations"][2:]]
     return {**sample, "conversations": conversations, "answer": answer, "options": new_options}

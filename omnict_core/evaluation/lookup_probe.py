@@ -11,7 +11,7 @@ of the question: each benchmark multiple-choice question, text only, with the ri
 ("... Finding: moderate.\\nA. small\\nB. moderate\\n..."). The letter then needs only an in-context lookup,
 the skill a pretrained LLM brings (the paper starts from Qwen2.5) and a from-scratch tiny LLM may lack.
 
-It reports the zero-shot letter accuracy of the checkpoint's LLM, then fine-tunes a copy of the LLM (the
+It reports the zero-shot letter accuracy of the checkpoint's LLM, then fine-tunes the LLM as loaded (the
 checkpoint on disk is never written) on the training split's questions in the same form, each drawn with a new
 option order (``vqa.reletter_choices``), and reports the benchmark accuracy every ``--eval-every`` steps: how
 much text it takes this LLM to learn the lookup, if it learns it at all.
@@ -22,13 +22,13 @@ Accuracy reads the greedy first answer token, as the closed-question score reads
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 # before torch loads OpenMP (see omnict_core/evaluation/cli.py)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from omnict_core.data.vqa import format_choices, reletter_choices
-from omnict_core.tokenization_omnict import IM_END, IM_START, SYSTEM_PROMPT
+from omnict_core.data.vqa import choice_stem, format_choices, reletter_choices
+from omnict_core.tokenization_omnict import IM_END, IM_START, SYSTEM_PROMPT, prompt_suffix
 
 
 @dataclass
@@ -56,17 +56,23 @@ class LookupProbeConfig:
 
 def stated_choice_prompt(sample: dict) -> tuple[str, str]:
     """(text-only chat prompt with the right option stated before the list, the answer letter) of an MC sample."""
-    question, answer = format_choices("", sample["options"], sample["answer_content"])  # "\nA. ...", "B. x"
-    human = sample["conversations"][0]["value"].replace("<image>\n", "")
-    if not human.endswith(question):
-        raise ValueError(f"sample {sample.get('id')}: question does not end with its lettered options")
-    text = f"{human[: -len(question)]} Finding: {sample['answer_content']}.{question}"
-    prompt = f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n{IM_START}user\n{text}{IM_END}\n{IM_START}assistant\n"
+    stem = choice_stem(sample).replace("<image>\n", "")
+    question, answer = format_choices(f"{stem} Finding: {sample['answer_content']}.", sample["options"],
+                                      sample["answer_content"])
+    # the chat format of every OmniCT prompt, without the image and organ placeholder lines
+    prompt = f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n{IM_START}user\n{prompt_suffix(question)}"
     return prompt, answer.split(".", 1)[0]
 
 
-def encode_batch(tokenizer, samples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded prompts: input_ids / attention_mask (B, T), each row's last prompt position (B,), letter ids (B,)."""
+class EncodedBatch(NamedTuple):
+    input_ids: torch.Tensor  # (B, T) right-padded prompts
+    attention_mask: torch.Tensor  # (B, T)
+    last: torch.Tensor  # (B,) each row's last prompt position (where the first answer token is predicted)
+    letters: torch.Tensor  # (B,) token id of the right option's letter
+
+
+def encode_batch(tokenizer, samples: Sequence[dict]) -> EncodedBatch:
+    """The samples' :func:`stated_choice_prompt` prompts, tokenized and right-padded, with their letters."""
     prompts = [stated_choice_prompt(s) for s in samples]
     ids = [tokenizer.encode(p, add_special_tokens=False) for p, _ in prompts]
     letters = torch.tensor([tokenizer.convert_tokens_to_ids(letter) for _, letter in prompts])
@@ -76,27 +82,29 @@ def encode_batch(tokenizer, samples: Sequence[dict]) -> tuple[torch.Tensor, torc
         input_ids[row, : len(seq)] = torch.tensor(seq)
         attention_mask[row, : len(seq)] = 1
     last = attention_mask.sum(dim=1) - 1
-    return input_ids, attention_mask, last, letters
+    return EncodedBatch(input_ids, attention_mask, last, letters)
 
 
-def first_token_logits(lm, tokenizer, samples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits of the first answer token (B, V), the right letters' ids (B,))."""
-    input_ids, attention_mask, last, letters = encode_batch(tokenizer, samples)
-    logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-    return logits[torch.arange(len(samples)), last], letters
+def first_token_logits(lm, batch: EncodedBatch) -> torch.Tensor:
+    """Logits of the first answer token (B, V) of an encoded batch."""
+    logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    return logits[torch.arange(len(batch.last)), batch.last]
+
+
+def encode_batches(tokenizer, samples: Sequence[dict], batch_size: int = 64) -> list[EncodedBatch]:
+    """``samples`` as :func:`encode_batch` batches (encoded once, scored at every evaluation)."""
+    return [encode_batch(tokenizer, samples[start: start + batch_size])
+            for start in range(0, len(samples), batch_size)]
 
 
 @torch.no_grad()
-def letter_accuracy(lm, tokenizer, samples: Sequence[dict], batch_size: int = 64) -> float:
-    """Share of ``samples`` whose greedy first answer token is the right option's letter."""
+def letter_accuracy(lm, batches: Sequence[EncodedBatch]) -> float:
+    """Share of the questions in ``batches`` whose greedy first answer token is the right option's letter."""
     was_training = lm.training
     lm.eval()
-    correct = 0
-    for start in range(0, len(samples), batch_size):
-        logits, letters = first_token_logits(lm, tokenizer, samples[start: start + batch_size])
-        correct += int((logits.argmax(dim=-1) == letters).sum())
+    correct = sum(int((first_token_logits(lm, batch).argmax(dim=-1) == batch.letters).sum()) for batch in batches)
     lm.train(was_training)
-    return correct / max(1, len(samples))
+    return correct / max(1, sum(len(batch.letters) for batch in batches))
 
 
 def choice_samples(data_dir: Path, split: str) -> list[dict]:
@@ -112,13 +120,13 @@ def run_lookup_probe(cfg: LookupProbeConfig, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_omnict(cfg.model_dir)
-    lm = copy.deepcopy(model.language_model)  # fine-tuned here; the checkpoint's own weights stay as loaded
-    del model
+    lm = model.language_model  # fine-tuned in memory only
     train, bench = choice_samples(Path(cfg.data_dir), "train"), choice_samples(Path(cfg.data_dir), "bench")
     if not train or not bench:
         raise ValueError(f"no multiple-choice questions in {cfg.data_dir} (train {len(train)}, bench {len(bench)})")
     chance = float(np.mean([1.0 / len(s["options"]) for s in bench]))
-    curve = [{"step": 0, "loss": None, "accuracy": letter_accuracy(lm, tokenizer, bench)}]
+    bench_batches = encode_batches(tokenizer, bench)
+    curve = [{"step": 0, "loss": None, "accuracy": letter_accuracy(lm, bench_batches)}]
     if progress:
         click.echo(f"step 0 (zero-shot): letter accuracy {curve[0]['accuracy']:.3f} on {len(bench)} (chance {chance:.3f})")
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -127,16 +135,16 @@ def run_lookup_probe(cfg: LookupProbeConfig, progress: bool = True) -> dict:
     losses: list[float] = []
     started = time.perf_counter()
     for step in range(1, cfg.steps + 1):
-        batch = [reletter_choices(train[i], rng) for i in rng.choice(len(train), cfg.batch_size)]
-        logits, letters = first_token_logits(lm, tokenizer, batch)
-        loss = F.cross_entropy(logits.float(), letters)
+        batch = encode_batch(tokenizer, [reletter_choices(train[i], rng)
+                                         for i in rng.choice(len(train), cfg.batch_size)])
+        loss = F.cross_entropy(first_token_logits(lm, batch).float(), batch.letters)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
         if step % cfg.eval_every == 0 or step == cfg.steps:
             row = {"step": step, "loss": float(np.mean(losses[-cfg.eval_every:])),
-                   "accuracy": letter_accuracy(lm, tokenizer, bench)}
+                   "accuracy": letter_accuracy(lm, bench_batches)}
             curve.append(row)
             if progress:
                 click.echo(f"step {step}: loss {row['loss']:.3f}, letter accuracy {row['accuracy']:.3f} "

@@ -152,11 +152,6 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, average: str = "samp
     return per_sample[supervised.sum(dim=1) > 0].mean()
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy averaged over each sample's labelled tokens, then over the samples."""
-    return answer_loss(logits, labels, "sample")
-
-
 def choice_letter_weights(labels: torch.Tensor, is_choice: Sequence[bool], weight: float) -> torch.Tensor:
     """(B, T) loss weights: ``weight`` at the first answer token of each multiple-choice row, 1 elsewhere."""
     weights = torch.ones(labels.shape, dtype=torch.float32)

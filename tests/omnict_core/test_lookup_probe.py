@@ -1,5 +1,5 @@
 """LLM lookup probe: benchmark multiple-choice questions, text only, with the right option stated; the letter
-accuracy of a checkpoint's LLM before and while a copy of it is fine-tuned on the training split."""
+accuracy of a checkpoint's LLM before and while it is fine-tuned (in memory) on the training split."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_encoded_batch_ends_each_row_at_the_assistant_header(vqa_dir, random_mod
         assert tokenizer.decode([int(letters[row])]) == sample["answer"][0]
 
 
-def test_probe_fine_tunes_a_copy_and_reports_a_curve(vqa_dir, random_model_dir):
+def test_probe_fine_tunes_in_memory_and_reports_a_curve(vqa_dir, random_model_dir):
     from omnict_core.evaluation.lookup_probe import LookupProbeConfig, run_lookup_probe
     from omnict_core.tokenization_omnict import load_tokenizer
 
@@ -51,6 +51,6 @@ def test_probe_fine_tunes_a_copy_and_reports_a_curve(vqa_dir, random_model_dir):
     assert [row["step"] for row in result["curve"]] == [0, 10, 20, 30]
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in result["curve"])
     assert 0.2 < result["chance"] <= 0.5 and result["zero_shot"] == result["curve"][0]["accuracy"]
-    # the copy learns at least where the letters are: far below the loss of a uniform guess over the vocabulary
+    # the LLM learns at least where the letters are: far below the loss of a uniform guess over the vocabulary
     assert result["curve"][-1]["loss"] < 0.5 * math.log(len(load_tokenizer(str(random_model_dir))))
     assert (random_model_dir / "model.safetensors").read_bytes() == weights_before  # the checkpoint is not written

@@ -96,7 +96,7 @@ def test_init_from_a_missing_directory_is_a_clear_error(vqa_dir, tmp_path):
 def test_per_sample_loss_weighs_every_answer_equally():
     """--loss-average sample: each sample's mean over its answer tokens, then the mean over samples — a one-token
     answer counts as much as a long one (the token mean lets long reports dominate)."""
-    from omnict_core.training.trainer import per_sample_loss
+    from omnict_core.training.trainer import answer_loss
 
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 11)
@@ -105,17 +105,17 @@ def test_per_sample_loss_weighs_every_answer_equally():
     labels[1, 1:] = torch.randint(0, 11, (6,))  # a long one
     # sample 2: no supervised token at all -> left out, not a division by zero
     one = [torch.nn.functional.cross_entropy(logits[i, :-1], labels[i, 1:], ignore_index=-100) for i in (0, 1)]
-    assert per_sample_loss(logits, labels) == pytest.approx(float((one[0] + one[1]) / 2), rel=1e-6)
+    assert answer_loss(logits, labels, "sample") == pytest.approx(float((one[0] + one[1]) / 2), rel=1e-6)
     token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
                                                    ignore_index=-100)
-    assert float(token_mean) != pytest.approx(float(per_sample_loss(logits, labels)), rel=1e-3)
+    assert float(token_mean) != pytest.approx(float(answer_loss(logits, labels, "sample")), rel=1e-3)
 
 
 def test_per_sample_loss_of_one_sample_is_the_language_model_loss():
     """Same shift and targets as the Hugging Face causal-LM loss (the "token" average)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from omnict_core.training.trainer import per_sample_loss
+    from omnict_core.training.trainer import answer_loss
 
     torch.manual_seed(0)
     lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -124,12 +124,12 @@ def test_per_sample_loss_of_one_sample_is_the_language_model_loss():
     labels = ids.clone()
     labels[:, :7] = -100  # the prompt
     out = lm(input_ids=ids, labels=labels)
-    assert float(per_sample_loss(out.logits, labels)) == pytest.approx(float(out.loss), rel=1e-5)
+    assert float(answer_loss(out.logits, labels, "sample")) == pytest.approx(float(out.loss), rel=1e-5)
 
 
 def test_choice_letter_weight_scales_only_the_letter_of_multiple_choice_answers():
     """weights: w at each MC row's first answer token; the weighted per-sample mean is sum(w l) / sum(w)."""
-    from omnict_core.training.trainer import answer_loss, choice_letter_weights, per_sample_loss
+    from omnict_core.training.trainer import answer_loss, choice_letter_weights
 
     torch.manual_seed(0)
     logits = torch.randn(2, 8, 13)
@@ -145,7 +145,7 @@ def test_choice_letter_weight_scales_only_the_letter_of_multiple_choice_answers(
     expected = (expected_mc + token_losses[1][4:].mean()) / 2
     assert float(answer_loss(logits, labels, "sample", weights)) == pytest.approx(float(expected), rel=1e-6)
     assert float(answer_loss(logits, labels, "sample", choice_letter_weights(labels, [True, False], 1.0))) == \
-        pytest.approx(float(per_sample_loss(logits, labels)), rel=1e-6)
+        pytest.approx(float(answer_loss(logits, labels, "sample")), rel=1e-6)
     flat = torch.cat([3.0 * mc[:1], mc[1:], token_losses[1][4:]])
     assert float(answer_loss(logits, labels, "token", weights)) == pytest.approx(float(flat.sum() / 9), rel=1e-6)
 
@@ -167,6 +167,13 @@ def test_relettered_training_draws_new_orders_and_repeats_them_after_a_resume(vq
     assert orders(epoch0) and orders(epoch0) != orders(epoch1)
     again = Trainer(cfg)
     assert orders(again.next_items()) == orders(epoch0)
+    again.position = 0  # a resume restores the position; the orders follow it, not the calls made before
+    again.next_items()
+    assert orders(again.next_items()) == orders(epoch1)
     assert [json.dumps(s, sort_keys=True) for s in trainer.dataset.samples] == stored
-    loss = trainer.micro_batch_loss(epoch0[:4])
+    items = [i for i in epoch0 if i["sample"]["task_type"] == "multiple_choice"][:2] + \
+        [i for i in epoch0 if i["sample"]["task_type"] == "judgment"][:2]
+    loss = trainer.micro_batch_loss(items)
     assert loss.requires_grad and math.isfinite(float(loss))
+    trainer.cfg.choice_letter_weight = 1.0  # the same batch without the letter weight: the trainer applies it
+    assert float(trainer.micro_batch_loss(items)) != pytest.approx(float(loss), rel=1e-4)
