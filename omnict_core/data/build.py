@@ -87,6 +87,31 @@ def study_spec(seed: int, options: BuildOptions):
 
 
 # ---------------------------------------------------------------------------------------------- render a study
+def finding_type_map(finding_mask: np.ndarray, type_of: dict[int, str], shape: tuple[int, ...]) -> np.ndarray:
+    """Finding mask on the render grid (values: finding index, 0 none) -> finding-type map at the model grid
+    ``shape`` (uint8: 0 none, else ``1 + FINDING_TYPES.index(type)``).
+
+    A model pixel takes a finding's type when any render voxel under it belongs to the finding (max pooling, not
+    the nearest-neighbour resampling of organ labels): a 5 mm nodule covers 2 render pixels and must not vanish on
+    the coarser model grid. Where two findings overlap, the smaller one wins, so a nodule inside a consolidation
+    stays visible in the map. Stage 0 reads these maps as dense targets (``vision_pretrain``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    mask = torch.from_numpy(np.ascontiguousarray(finding_mask))
+    out = torch.zeros(shape, dtype=torch.uint8)
+    pool = F.adaptive_max_pool2d if len(shape) == 2 else F.adaptive_max_pool3d
+    by_type: dict[str, list[int]] = {}
+    for index, ftype in type_of.items():
+        by_type.setdefault(ftype, []).append(index)
+    covered = {t: torch.isin(mask, torch.tensor(ids, dtype=mask.dtype)) for t, ids in by_type.items()}
+    for ftype in sorted(covered, key=lambda t: -int(covered[t].sum())):  # largest first: smaller ones paint over
+        hit = pool(covered[ftype].float()[None, None], shape)[0, 0] > 0
+        out[hit] = 1 + FINDING_TYPES.index(ftype)
+    return out.numpy()
+
+
 def _z_range(mask: np.ndarray) -> tuple[int, int] | None:
     z = np.nonzero(mask.any(axis=(1, 2)))[0]
     return (int(z.min()), int(z.max())) if len(z) else None
@@ -117,7 +142,9 @@ def render_study(seed: int, options: BuildOptions) -> dict:
         big_enough = f.size_mm >= VOLUME_MIN_SIZE_MM.get(f.type, 0.0)
         shown = f.type in ROUND_TYPES or f.z_range is not None
         (in3d if big_enough and shown else unsure3d).append(f)
-    images3d = [(volume, labels3d, ImageTruth("3d", "", organ_vox, in3d, unsure3d, truths))]
+    type_of = {f.index: f.type for f in study.findings if f.type in FINDING_TYPES}
+    findings3d = finding_type_map(study.finding_mask, type_of, grid)
+    images3d = [(volume, labels3d, findings3d, ImageTruth("3d", "", organ_vox, in3d, unsure3d, truths))]
     # --- 2D: slices through each finding + random slices, through the 2D preprocessing
     rng = np.random.default_rng([seed, 78])
     z_list = [int(np.clip(round(f.center_z), 0, study.hu.shape[0] - 1)) for f in truths]
@@ -143,7 +170,8 @@ def render_study(seed: int, options: BuildOptions) -> dict:
             else:
                 px = int((fmask == f.index).sum())
                 (shown if px >= 15 else unsure if px > 0 else []).append(f)
-        images2d.append((x01, lab, ImageTruth("2d", "", organ_px, shown, unsure, truths)))
+        fmap = finding_type_map(study.finding_mask[z], type_of, (options.size, options.size))
+        images2d.append((x01, lab, fmap, ImageTruth("2d", "", organ_px, shown, unsure, truths)))
     del torch
     return {"seed": seed, "images2d": images2d, "images3d": images3d,
             "findings": [(f.type, f.location, round(f.size_mm, 1), f.bucket) for f in truths]}
@@ -156,22 +184,24 @@ def build_split(split: str, seeds: list[int], out: Path, options: BuildOptions, 
 
     from omnict_core.phantom import LABEL_IDS
 
-    images2d, labels2d, volumes3d, labels3d = [], [], [], []
+    images2d, labels2d, volumes3d, labels3d, findings2d, findings3d = [], [], [], [], [], []
     intents = []
     finding_counts: Counter = Counter()
     started = time.perf_counter()
 
     def consume(result: dict) -> None:
         rng = np.random.default_rng([result["seed"], 79])
-        for x01, lab, truth in result["images2d"]:
+        for x01, lab, fmap, truth in result["images2d"]:
             truth.ref = image_ref(split, "2d", len(images2d))
             images2d.append(x01)
             labels2d.append(lab)
+            findings2d.append(fmap)
             intents.extend((result["seed"], i) for i in image_intents(truth, rng))
-        for vol, lab, truth in result["images3d"]:
+        for vol, lab, fmap, truth in result["images3d"]:
             truth.ref = image_ref(split, "3d", len(volumes3d))
             volumes3d.append(vol)
             labels3d.append(lab)
+            findings3d.append(fmap)
             intents.extend((result["seed"], i) for i in image_intents(truth, rng))
             intents.append((result["seed"], report_intent(truth, rng)))
         finding_counts.update(f[0] for f in result["findings"])
@@ -198,6 +228,8 @@ def build_split(split: str, seeds: list[int], out: Path, options: BuildOptions, 
     np.save(out / f"{split}_labels2d.npy", np.stack(labels2d).astype(np.uint8))
     np.save(out / f"{split}_volumes3d.npy", np.stack(volumes3d).astype(np.float16))
     np.save(out / f"{split}_labels3d.npy", np.stack(labels3d).astype(np.uint8))
+    np.save(out / f"{split}_findings2d.npy", np.stack(findings2d))
+    np.save(out / f"{split}_findings3d.npy", np.stack(findings3d))
     write_jsonl(out / f"{split}.jsonl", samples)
     return {
         "studies": len(seeds), "seed_range": [min(seeds), max(seeds)], "images2d": len(images2d),

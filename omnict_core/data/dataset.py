@@ -7,6 +7,8 @@ A data directory written by ``omnict_core.data.build`` holds, per split (``train
     {split}_labels2d.npy      uint8   (N2, S, S)     organ label map of each slice (TotalSegmentator ids)
     {split}_volumes3d.npy     float16 (N3, D, S, S)  windowed, resampled volumes in [0, 1]
     {split}_labels3d.npy      uint8   (N3, D, S, S)
+    {split}_findings2d.npy    uint8   (N2, S, S)     finding-type map of each slice (0 none, 1 + FINDING_TYPES index)
+    {split}_findings3d.npy    uint8   (N3, D, S, S)  (both optional: directories built before them lack them)
     manifest.json             seeds, counts, resolution, label names
     tokenizer/                tokenizer trained on the QA corpus
 
@@ -64,6 +66,10 @@ class ImageCache:
             if not path.is_file():
                 raise FileNotFoundError(f"phantom image cache missing: {path} (build it with omnict_core.data.build)")
             self.arrays[name] = np.load(path, mmap_mode="r")
+        for name in ("findings2d", "findings3d"):  # optional: data directories built before they were written
+            path = self.data_dir / f"{split}_{name}.npy"
+            if path.is_file():
+                self.arrays[name] = np.load(path, mmap_mode="r")
 
     def image(self, dim: str, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(windowed image in [0, 1] float32, label map uint8) of a 2D slice (S, S) or volume (D, S, S)."""
@@ -72,6 +78,18 @@ class ImageCache:
                     np.asarray(self.arrays["labels2d"][index]))
         return (np.asarray(self.arrays["volumes3d"][index], dtype=np.float32),
                 np.asarray(self.arrays["labels3d"][index]))
+
+    @property
+    def has_finding_maps(self) -> bool:
+        return "findings2d" in self.arrays and "findings3d" in self.arrays
+
+    def finding_map(self, dim: str, index: int) -> np.ndarray:
+        """Finding-type map uint8 (S, S) or (D, S, S) of an image (0 none, else 1 + index in
+        ``vqa.FINDING_TYPES``); FileNotFoundError for a directory built without finding maps."""
+        if not self.has_finding_maps:
+            raise FileNotFoundError(f"{self.data_dir} has no {self.split}_findings2d/3d.npy: rebuild it with "
+                                    "omnict_core.data.build (maps are written since the finding-target stage 0)")
+        return np.asarray(self.arrays["findings2d" if dim == "2d" else "findings3d"][index])
 
     def count(self, dim: str) -> int:
         return int(self.arrays["images2d" if dim == "2d" else "volumes3d"].shape[0])

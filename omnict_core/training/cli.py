@@ -56,11 +56,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
               help="give each multiple-choice sample a new option order every time it is drawn")
 @click.option("--choice-letter-weight", type=float, default=1.0, show_default=True,
               help="loss weight of a multiple-choice answer's letter token (1 = plain LM loss)")
+@click.option("--finding-weight", type=float, default=0.0, show_default=True,
+              help="stage 0: weight of the per-patch finding-type loss (0 = off; needs a data directory whose "
+                   "build wrote finding maps)")
 def train(data_dir: Path, out_dir: Path, stage: int, preset: str, config_json: Path | None, no_ose: bool,
           init_from: Path | None, steps: int, batch_size: int, grad_accum: int, lr: float | None,
           warmup_ratio: float, weight_decay: float, seed: int, bf16: bool, save_every: int, threads: int | None,
           vision_frozen: bool, resume: bool, max_samples: int | None, loss_average: str, reletter_choices: bool,
-          choice_letter_weight: float) -> None:
+          choice_letter_weight: float, finding_weight: float) -> None:
     """Train OmniCT (one stage) on phantom VQA data; writes an HF model directory to --out."""
     from omnict_core.training.trainer import TrainConfig, Trainer
 
@@ -70,8 +73,10 @@ def train(data_dir: Path, out_dir: Path, stage: int, preset: str, config_json: P
         overrides["use_ose"] = False
     if stage == 0:
         _train_stage0(data_dir, out_dir, preset, overrides, steps, batch_size, lr, warmup_ratio, weight_decay,
-                      seed, bf16, threads, max_samples, init_from)
+                      seed, bf16, threads, max_samples, init_from, finding_weight)
         return
+    if finding_weight:
+        raise click.UsageError("--finding-weight is a stage-0 loss (the finding head trains the vision tower)")
     cfg = TrainConfig(data_dir=str(data_dir), out_dir=str(out_dir), stage=stage, preset=preset,
                       config_overrides=overrides, init_from=str(init_from) if init_from else None, steps=steps,
                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
@@ -94,7 +99,8 @@ def train(data_dir: Path, out_dir: Path, stage: int, preset: str, config_json: P
 
 def _train_stage0(data_dir: Path, out_dir: Path, preset: str, overrides: dict, steps: int, batch_size: int,
                   lr: float | None, warmup_ratio: float, weight_decay: float, seed: int, bf16: bool,
-                  threads: int | None, max_samples: int | None, init_from: Path | None) -> None:
+                  threads: int | None, max_samples: int | None, init_from: Path | None,
+                  finding_weight: float = 0.0) -> None:
     """``--stage 0``: vision-tower pretraining (omnict_core.training.vision_pretrain); --batch-size counts images."""
     from omnict_core.training.trainer import count_parameters
     from omnict_core.training.vision_pretrain import VisionPretrainConfig, VisionPretrainer
@@ -105,7 +111,7 @@ def _train_stage0(data_dir: Path, out_dir: Path, preset: str, overrides: dict, s
                                config_overrides=overrides, steps=steps, batch_size=batch_size,
                                lr=lr if lr is not None else 1e-3, warmup_ratio=warmup_ratio,
                                weight_decay=weight_decay, seed=seed, bf16=bf16, num_threads=threads,
-                               max_samples=max_samples)
+                               max_samples=max_samples, finding_loss_weight=finding_weight)
     trainer = VisionPretrainer(cfg)
     tower = count_parameters(trainer.model.vision_tower)[0]
     heads = count_parameters(trainer.heads)[0]

@@ -8,6 +8,13 @@ split only (the benchmark seeds are never read):
 * **per-patch organ groups** — for every 8 x 8 patch of every unit, the fraction of its pixels in each organ group
   (background, the five lung lobes, trachea, heart, liver, spleen, stomach, kidneys left/right, other tissue), read
   from the phantom label maps; soft cross-entropy of a linear patch head;
+* **per-patch findings** (``--finding-weight W``, needs a data directory with finding maps) — for every patch, which
+  finding types (nodule, effusion, pneumothorax, consolidation, liver lesion, kidney stone, splenomegaly) cover any
+  of its pixels in any slice of the unit; binary cross-entropy of a linear patch head, positives weighted up
+  (``finding_pos_weight``) because a small finding touches one patch in a hundred. Why: the question head alone
+  gives one answer per question, and the tower it trains leaves nodules and stones at chance (model card, tower
+  probe), while the pixels carry them (a small CNN on the raw slices reads them well above chance). Measured: at
+  900 steps it did not lift the small findings in either probe (model card, "Small findings"); off by default;
 * **per-question answer classes** — every non-report training question of the image (judgment, multiple choice,
   and short answers with a small answer set) becomes a classification target ``question_key -> answer content``.
   A per-key head pools the image tokens with a learned per-key attention query, concatenated with the mean of the
@@ -18,7 +25,7 @@ tower is pretrained and whose projector / OSE / LLM are freshly initialised, rea
 ``omnict-node train --stage 1 --init-from <stage-0 dir>``.
 
 Shapes: S = image size (96), K = patch size (8), h = w = S // K (12), d_v = tower width (192), G = organ groups,
-Q = questions of one image, C = the most answer classes of any key.
+Q = questions of one image, C = the most answer classes of any key, T = finding types (7).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnict_core.data.vqa import FINDING_TYPES
 from omnict_core.training.schedule import make_scheduler
 from omnict_core.training.trainer import clip_and_step
 
@@ -69,6 +77,14 @@ def patch_group_fractions(labels: torch.Tensor, lut: torch.Tensor, patch: int, g
     used = labels[:, :grid * patch, :grid * patch].long()  # SigLIP ignores remainder pixels
     onehot = F.one_hot(lut[used], len(ORGAN_GROUPS)).permute(0, 3, 1, 2).float()  # (N, G, S', S')
     return F.avg_pool2d(onehot, patch).permute(0, 2, 3, 1)  # (N, grid, grid, G)
+
+
+def patch_finding_presence(finding_units: torch.Tensor, n_types: int, patch: int, grid: int) -> torch.Tensor:
+    """Finding-type maps of units (N_u, 3, S, S) int (0 none, t + 1 = type t) -> (N_u, grid, grid, T) float:
+    1 where any pixel of the patch, in any slice of the unit, belongs to a finding of type t."""
+    used = finding_units[:, :, :grid * patch, :grid * patch].long()  # SigLIP ignores remainder pixels
+    onehot = F.one_hot(used, n_types + 1)[..., 1:].amax(dim=1)  # (N_u, S', S', T): any slice of the unit
+    return F.max_pool2d(onehot.permute(0, 3, 1, 2).float(), patch).permute(0, 2, 3, 1)  # (N_u, grid, grid, T)
 
 
 def roi_token_mask(labels: torch.Tensor, roi_ids: Sequence[int], patch: int, grid: int) -> torch.Tensor:
@@ -151,27 +167,34 @@ def questions_by_image(samples: Sequence[dict], vocab: QuestionVocab) -> dict[st
     return {ref: list(qs.values()) for ref, qs in out.items()}
 
 
+def map_units(image_map: np.ndarray, dim: str) -> torch.Tensor:
+    """A per-pixel map of a cached image (organ labels, finding types), (S, S) or (D, S, S), composed like its
+    pixels: (N_u, 3, S, S) int32 (a slice replicated, a volume in VSC units)."""
+    from omnict_core.preprocessing import compose_units
+
+    x = torch.from_numpy(np.ascontiguousarray(image_map).astype(np.int32))
+    return x[None, None].expand(1, 3, *x.shape) if dim == "2d" else compose_units(x)
+
+
 def image_units(cache, dim: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One cached image (``omnict_core.data.dataset.ImageCache``) as the VQA dataset feeds it to the tower:
     (units (N_u, 3, S, S) in [-1, 1], unit label maps (N_u, 3, S, S) int32)."""
     from omnict_core.data.dataset import to_units
-    from omnict_core.preprocessing import compose_units
 
     pixels, labels = cache.image(dim, index)
     units, _ = to_units(pixels, labels, dim, None)
-    lab = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int32))
-    lab_units = lab[None, None].expand(1, 3, *lab.shape) if dim == "2d" else compose_units(lab)
-    return units, lab_units
+    return units, map_units(labels, dim)
 
 
 # --------------------------------------------------------------------------------------------------- heads
 class VisionPretrainHeads(nn.Module):
     """Training-only heads on the tower's patch features (discarded after stage 0)."""
 
-    def __init__(self, width: int, n_groups: int, class_valid: torch.Tensor) -> None:
+    def __init__(self, width: int, n_groups: int, class_valid: torch.Tensor, n_finding_types: int = 0) -> None:
         super().__init__()
         n_keys, n_classes = class_valid.shape
         self.patch_head = nn.Linear(width, n_groups)
+        self.finding_head = nn.Linear(width, n_finding_types) if n_finding_types else None
         self.norm = nn.LayerNorm(width)
         self.key_query = nn.Parameter(torch.randn(n_keys, width) * width ** -0.5)
         self.key_weight = nn.Parameter(torch.randn(n_keys, n_classes, 2 * width) * (2 * width) ** -0.5)
@@ -180,6 +203,9 @@ class VisionPretrainHeads(nn.Module):
 
     def patch_logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.patch_head(features)  # (N, h, w, d_v) -> (N, h, w, G)
+
+    def finding_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.finding_head(features)  # (N, h, w, d_v) -> (N, h, w, T)
 
     def answer_logits(self, tokens: torch.Tensor, keys: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
         """tokens (L, d_v) of one image, keys (Q,) long, roi (Q, L) bool -> logits (Q, C), invalid slots -inf."""
@@ -209,6 +235,8 @@ class VisionPretrainConfig:
     max_grad_norm: float = 1.0
     patch_loss_weight: float = 1.0
     answer_loss_weight: float = 1.0
+    finding_loss_weight: float = 0.0  # > 0: per-patch finding head (data directory with finding maps)
+    finding_pos_weight: float = 10.0  # BCE weight of a patch that holds the finding type
     bf16: bool = True
     seed: int = 0
     log_every: int = 10
@@ -256,8 +284,11 @@ class VisionPretrainer:
         self.cache = ImageCache(data_dir, "train")
         manifest = json.loads((data_dir / "manifest.json").read_text())
         self.lut = label_group_lut({int(k): v for k, v in manifest["label_names"].items()})
+        if cfg.finding_loss_weight > 0 and not self.cache.has_finding_maps:
+            self.cache.finding_map("2d", 0)  # raises, naming the missing files
+        self.n_finding_types = len(FINDING_TYPES) if cfg.finding_loss_weight > 0 else 0
         width = config.vision_config.hidden_size
-        self.heads = VisionPretrainHeads(width, len(ORGAN_GROUPS), self.vocab.valid_mask())
+        self.heads = VisionPretrainHeads(width, len(ORGAN_GROUPS), self.vocab.valid_mask(), self.n_finding_types)
         params = list(self.model.vision_tower.parameters()) + list(self.heads.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.steps, cfg.warmup_ratio)
@@ -280,6 +311,7 @@ class VisionPretrainer:
         logp = F.log_softmax(self.heads.patch_logits(features), dim=-1)
         patch_loss = -(target * logp).sum(-1).mean()
         patch_acc = float((logp.argmax(-1) == target.argmax(-1)).float().mean())
+        finding_loss, finding_recall = self.finding_loss(images, features)
         # per-question answers
         answer_losses, correct, total = [], 0, 0
         for image, (_, lab), feats in zip(images, loaded, features.split(counts)):
@@ -292,8 +324,25 @@ class VisionPretrainer:
             total += len(answers)
         answer_loss = torch.stack(answer_losses).sum() / max(1, total)
         loss = self.cfg.patch_loss_weight * patch_loss + self.cfg.answer_loss_weight * answer_loss
+        if self.n_finding_types:
+            loss = loss + self.cfg.finding_loss_weight * finding_loss
         return {"loss": loss, "patch_loss": float(patch_loss.detach()), "answer_loss": float(answer_loss.detach()),
-                "patch_acc": patch_acc, "answer_acc": correct / max(1, total)}
+                "patch_acc": patch_acc, "answer_acc": correct / max(1, total),
+                "finding_loss": float(finding_loss.detach()), "finding_recall": finding_recall}
+
+    def finding_loss(self, images: Sequence[PretrainImage], features: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Per-patch finding-type BCE over a batch's units (``features`` (sum N_u, h, w, d_v)) and the share of
+        (patch, type) positives the head finds (logit > 0); (0, nan) without the finding head."""
+        if not self.n_finding_types:
+            return torch.zeros(()), float("nan")
+        maps = torch.cat([map_units(self.cache.finding_map(image.dim, image.index), image.dim) for image in images])
+        target = patch_finding_presence(maps, self.n_finding_types, self.patch, self.grid)  # (sum N_u, h, w, T)
+        logits = self.heads.finding_logits(features)  # (sum N_u, h, w, T)
+        loss = F.binary_cross_entropy_with_logits(
+            logits, target, pos_weight=torch.tensor(self.cfg.finding_pos_weight))
+        positives = target > 0
+        recall = float((logits.detach()[positives] > 0).float().mean()) if positives.any() else float("nan")
+        return loss, recall
 
     def train_step(self) -> dict[str, float]:
         chosen = self.rng.choice(len(self.images), size=min(self.cfg.batch_size, len(self.images)), replace=False)
@@ -318,12 +367,16 @@ class VisionPretrainer:
             row.update(step=self.step, lr=self.scheduler.get_last_lr()[0], seconds=seconds)
             self.history.append(row)
             window = self.history[-cfg.log_every:]
-            bar.set_postfix({k: f"{np.mean([h[k] for h in window]):.3f}"
-                             for k in ("loss", "patch_acc", "answer_acc")})
+            bar.set_postfix({k: f"{np.nanmean([h[k] for h in window]):.3f}"
+                             for k in self.logged_keys("loss", "patch_acc", "answer_acc", "finding_recall")})
             bar.update(1)
         bar.close()
         self.finish()
         return self.history
+
+    def logged_keys(self, *keys: str) -> tuple[str, ...]:
+        """``keys`` without the finding-head figures when this run has no finding head."""
+        return keys if self.n_finding_types else tuple(k for k in keys if not k.startswith("finding_"))
 
     def finish(self) -> Path:
         """OmniCT directory (pretrained tower, fresh projector / OSE / LLM) + stage-0 summary and history."""
@@ -336,8 +389,10 @@ class VisionPretrainer:
             "images": len(self.images), "question_keys": len(self.vocab.keys),
             "questions": sum(len(i.questions) for i in self.images), "organ_groups": [g for g, _ in ORGAN_GROUPS],
             "train_seconds": round(self.elapsed_s, 1), "torch_threads": torch.get_num_threads(),
-            "last_10pct": {k: float(np.mean([h[k] for h in tail])) for k in
-                           ("loss", "patch_loss", "answer_loss", "patch_acc", "answer_acc")} if tail else None,
+            "finding_types": list(FINDING_TYPES[:self.n_finding_types]),
+            "last_10pct": {k: float(np.nanmean([h[k] for h in tail])) for k in self.logged_keys(
+                "loss", "patch_loss", "answer_loss", "patch_acc", "answer_acc", "finding_loss", "finding_recall")
+            } if tail else None,
         }
         (self.out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (self.out_dir / "loss_history.json").write_text(json.dumps(self.history))

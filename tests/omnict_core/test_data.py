@@ -190,3 +190,46 @@ def test_noise_free_units_compose_like_the_preprocessing():
     assert units.shape == (4, 3, 8, 8)
     assert torch.allclose(units[1, 0], torch.from_numpy(volume[3]) * 2 - 1)
     assert bool(mask[1, 2, 2]) and int(mask.sum()) == 1
+
+
+def test_finding_type_map_keeps_small_findings_and_paints_them_over_large_ones():
+    """Max pooling onto the coarser model grid: a 2-voxel nodule survives, and inside a consolidation it wins."""
+    from omnict_core.data.build import finding_type_map
+    from omnict_core.data.vqa import FINDING_TYPES
+
+    mask = np.zeros((128, 128), dtype=np.uint8)
+    mask[40:90, 30:80] = 2  # consolidation (finding index 2)
+    mask[60, 50:52] = 1  # a 2-pixel nodule inside it (finding index 1)
+    mask[10, 100] = 3  # a 1-pixel kidney stone on its own
+    fmap = finding_type_map(mask, {1: "lung_nodule", 2: "consolidation", 3: "kidney_stone"}, (96, 96))
+    nodule, consolidation, stone = (1 + FINDING_TYPES.index(t) for t in ("lung_nodule", "consolidation",
+                                                                         "kidney_stone"))
+    assert fmap.shape == (96, 96) and fmap.dtype == np.uint8
+    assert 1 <= (fmap == nodule).sum() <= 4  # nearest-neighbour resampling could drop it; max pooling keeps it
+    assert (fmap == stone).sum() >= 1
+    assert (fmap == consolidation).sum() == pytest.approx(50 * 50 * (96 / 128) ** 2, rel=0.1)
+    assert set(np.unique(fmap)) == {0, nodule, consolidation, stone}
+    volume = np.zeros((64, 128, 128), dtype=np.uint8)
+    volume[30, 60, 50] = 1
+    # adaptive pooling windows overlap where the ratio is not whole: a voxel may mark two neighbouring cells
+    assert 1 <= (finding_type_map(volume, {1: "lung_nodule"}, (12, 96, 96)) == nodule).sum() <= 4
+
+
+def test_finding_maps_are_cached_beside_the_images_and_hold_the_findings_asked_about(tiny_vqa_dir):
+    from omnict_core.data.dataset import ImageCache, parse_image_ref
+    from omnict_core.data.vqa import FINDING_TYPES
+
+    checked = 0
+    for split in ("train", "bench"):
+        cache = ImageCache(tiny_vqa_dir, split)
+        assert cache.has_finding_maps
+        assert cache.arrays["findings2d"].shape == cache.arrays["images2d"].shape
+        assert cache.arrays["findings3d"].shape == cache.arrays["volumes3d"].shape
+        for s in _samples(tiny_vqa_dir, split):
+            if s["question_key"].startswith("presence|") and s["finding_type"] in FINDING_TYPES:
+                _, dim, index = parse_image_ref(s["image"])
+                shown = 1 + FINDING_TYPES.index(s["finding_type"]) in cache.finding_map(dim, index)
+                if s["answer"] == "Yes":  # a finding the question says is shown is in the map
+                    assert shown, s["id"]
+                    checked += 1
+    assert checked >= 3

@@ -138,3 +138,47 @@ def test_cli_stage0_then_stage1_from_it(vqa_dir, tmp_path):
         for stage in ("s0", "s1"))
     assert tower0 and tower0.keys() == tower1.keys()  # stage 1 starts from stage 0's tower and keeps it frozen
     assert all(torch.equal(tower0[k], tower1[k]) for k in tower0)
+
+
+def test_patch_finding_targets_mark_every_patch_a_finding_touches_in_any_slice():
+    from omnict_core.training.vision_pretrain import patch_finding_presence
+
+    maps = torch.zeros(2, 3, 8, 8, dtype=torch.int32)  # 2 units of 3 slices, 2 x 2 patches of 4 px
+    maps[0, 0, 1, 1] = 1  # type 0 (one pixel, first slice) in patch (0, 0) of unit 0
+    maps[1, 2, 6, 2:6] = 3  # type 2 across patches (1, 0) and (1, 1) of unit 1, last slice
+    target = patch_finding_presence(maps, n_types=3, patch=4, grid=2)
+    assert target.shape == (2, 2, 2, 3)
+    assert target.sum() == 3
+    assert target[0, 0, 0, 0] == 1 and target[1, 1, 0, 2] == 1 and target[1, 1, 1, 2] == 1
+
+
+def test_stage0_finding_head_learns_the_finding_maps_and_needs_them(vqa_dir, tmp_path):
+    import shutil
+
+    from omnict_core.training.vision_pretrain import VisionPretrainConfig, VisionPretrainer
+
+    cfg = VisionPretrainConfig(data_dir=str(vqa_dir), out_dir=str(tmp_path / "s0"), steps=2, batch_size=4, lr=3e-3,
+                               seed=1, progress=False, num_threads=1, finding_loss_weight=1.0,
+                               config_overrides={"unshuffle_2d": 3})
+    trainer = VisionPretrainer(cfg)
+    with_findings = [image for image in trainer.images
+                     if trainer.cache.finding_map(image.dim, image.index).any()][:4]
+    assert with_findings
+    first = trainer.batch_loss(with_findings)
+    assert 0.0 <= first["finding_recall"] <= 1.0 and first["finding_loss"] > 0
+    for _ in range(8):  # the finding loss trains the tower + finding head: a fixed batch is fitted
+        trainer.optimizer.zero_grad()
+        trainer.batch_loss(with_findings)["loss"].backward()
+        trainer.optimizer.step()
+    assert trainer.batch_loss(with_findings)["finding_loss"] < first["finding_loss"]
+    trainer.train()
+    summary = json.loads((tmp_path / "s0" / "training_summary.json").read_text())
+    assert summary["finding_types"][0] == "lung_nodule" and summary["train_config"]["finding_loss_weight"] == 1.0
+
+    no_maps = tmp_path / "no-maps"  # a data directory built before the maps were written
+    shutil.copytree(vqa_dir, no_maps, ignore=shutil.ignore_patterns("*_findings*.npy"))
+    with pytest.raises(FileNotFoundError, match="findings2d"):
+        VisionPretrainer(VisionPretrainConfig(data_dir=str(no_maps), out_dir=str(tmp_path / "x"), steps=1,
+                                              progress=False, finding_loss_weight=1.0))
+    assert VisionPretrainer(VisionPretrainConfig(data_dir=str(no_maps), out_dir=str(tmp_path / "y"), steps=1,
+                                                 progress=False)).heads.finding_head is None
