@@ -83,12 +83,16 @@ class ImageCache:
     def has_finding_maps(self) -> bool:
         return "findings2d" in self.arrays and "findings3d" in self.arrays
 
-    def finding_map(self, dim: str, index: int) -> np.ndarray:
-        """Finding-type map uint8 (S, S) or (D, S, S) of an image (0 none, else 1 + index in
-        ``vqa.FINDING_TYPES``); FileNotFoundError for a directory built without finding maps."""
+    def require_finding_maps(self) -> None:
+        """FileNotFoundError, naming the missing files, for a directory built without finding maps."""
         if not self.has_finding_maps:
             raise FileNotFoundError(f"{self.data_dir} has no {self.split}_findings2d/3d.npy: rebuild it with "
-                                    "omnict_core.data.build (maps are written since the finding-target stage 0)")
+                                    "omnict_core.data.build (builds since the finding maps were added write them)")
+
+    def finding_map(self, dim: str, index: int) -> np.ndarray:
+        """Finding-type map uint8 (S, S) or (D, S, S) of an image (0 none, else 1 + index in
+        ``vqa.FINDING_TYPES``); see :meth:`require_finding_maps`."""
+        self.require_finding_maps()
         return np.asarray(self.arrays["findings2d" if dim == "2d" else "findings3d"][index])
 
     def count(self, dim: str) -> int:

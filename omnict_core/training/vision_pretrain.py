@@ -11,7 +11,7 @@ split only (the benchmark seeds are never read):
 * **per-patch findings** (``--finding-weight W``, needs a data directory with finding maps) — for every patch, which
   finding types (nodule, effusion, pneumothorax, consolidation, liver lesion, kidney stone, splenomegaly) cover any
   of its pixels in any slice of the unit; binary cross-entropy of a linear patch head, positives weighted up
-  (``finding_pos_weight``) because a small finding touches one patch in a hundred. Why: the question head alone
+  (``finding_pos_weight``) because a small finding touches one or a few of a unit's 144 patches. Why: the question head alone
   gives one answer per question, and the tower it trains leaves nodules and stones at chance (model card, tower
   probe), while the pixels carry them (a small CNN on the raw slices reads them well above chance). Measured: at
   900 steps it did not lift the small findings in either probe (model card, "Small findings"); off by default;
@@ -245,6 +245,13 @@ class VisionPretrainConfig:
     max_samples: int | None = None  # use only the first N training samples (tests)
 
 
+def mean_of(rows: Sequence[dict], key: str) -> float | None:
+    """Mean of ``key`` over the log rows that have it (finding figures exist only with the finding head, and the
+    recall only for batches with a finding); None when none has it."""
+    values = [row[key] for row in rows if key in row]
+    return float(np.mean(values)) if values else None
+
+
 @dataclass
 class PretrainImage:
     """A training image (``cache://train/{dim}/{index}``) and its closed questions."""
@@ -284,8 +291,8 @@ class VisionPretrainer:
         self.cache = ImageCache(data_dir, "train")
         manifest = json.loads((data_dir / "manifest.json").read_text())
         self.lut = label_group_lut({int(k): v for k, v in manifest["label_names"].items()})
-        if cfg.finding_loss_weight > 0 and not self.cache.has_finding_maps:
-            self.cache.finding_map("2d", 0)  # raises, naming the missing files
+        if cfg.finding_loss_weight > 0:
+            self.cache.require_finding_maps()
         self.n_finding_types = len(FINDING_TYPES) if cfg.finding_loss_weight > 0 else 0
         width = config.vision_config.hidden_size
         self.heads = VisionPretrainHeads(width, len(ORGAN_GROUPS), self.vocab.valid_mask(), self.n_finding_types)
@@ -311,7 +318,6 @@ class VisionPretrainer:
         logp = F.log_softmax(self.heads.patch_logits(features), dim=-1)
         patch_loss = -(target * logp).sum(-1).mean()
         patch_acc = float((logp.argmax(-1) == target.argmax(-1)).float().mean())
-        finding_loss, finding_recall = self.finding_loss(images, features)
         # per-question answers
         answer_losses, correct, total = [], 0, 0
         for image, (_, lab), feats in zip(images, loaded, features.split(counts)):
@@ -324,25 +330,29 @@ class VisionPretrainer:
             total += len(answers)
         answer_loss = torch.stack(answer_losses).sum() / max(1, total)
         loss = self.cfg.patch_loss_weight * patch_loss + self.cfg.answer_loss_weight * answer_loss
+        out = {"patch_loss": float(patch_loss.detach()), "answer_loss": float(answer_loss.detach()),
+               "patch_acc": patch_acc, "answer_acc": correct / max(1, total)}
         if self.n_finding_types:
+            finding_loss, finding_figures = self.finding_loss(images, features)
             loss = loss + self.cfg.finding_loss_weight * finding_loss
-        return {"loss": loss, "patch_loss": float(patch_loss.detach()), "answer_loss": float(answer_loss.detach()),
-                "patch_acc": patch_acc, "answer_acc": correct / max(1, total),
-                "finding_loss": float(finding_loss.detach()), "finding_recall": finding_recall}
+            out.update(finding_figures)
+        return {"loss": loss, **out}
 
-    def finding_loss(self, images: Sequence[PretrainImage], features: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Per-patch finding-type BCE over a batch's units (``features`` (sum N_u, h, w, d_v)) and the share of
-        (patch, type) positives the head finds (logit > 0); (0, nan) without the finding head."""
-        if not self.n_finding_types:
-            return torch.zeros(()), float("nan")
+    def finding_loss(self, images: Sequence[PretrainImage], features: torch.Tensor
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-patch finding-type BCE over a batch's units (``features`` (sum N_u, h, w, d_v)) and its log figures:
+        ``finding_loss`` and, when the batch has positives, ``finding_recall`` (the share of (patch, type)
+        positives with logit > 0)."""
         maps = torch.cat([map_units(self.cache.finding_map(image.dim, image.index), image.dim) for image in images])
         target = patch_finding_presence(maps, self.n_finding_types, self.patch, self.grid)  # (sum N_u, h, w, T)
         logits = self.heads.finding_logits(features)  # (sum N_u, h, w, T)
         loss = F.binary_cross_entropy_with_logits(
             logits, target, pos_weight=torch.tensor(self.cfg.finding_pos_weight))
+        figures = {"finding_loss": float(loss.detach())}
         positives = target > 0
-        recall = float((logits.detach()[positives] > 0).float().mean()) if positives.any() else float("nan")
-        return loss, recall
+        if positives.any():
+            figures["finding_recall"] = float((logits.detach()[positives] > 0).float().mean())
+        return loss, figures
 
     def train_step(self) -> dict[str, float]:
         chosen = self.rng.choice(len(self.images), size=min(self.cfg.batch_size, len(self.images)), replace=False)
@@ -367,16 +377,12 @@ class VisionPretrainer:
             row.update(step=self.step, lr=self.scheduler.get_last_lr()[0], seconds=seconds)
             self.history.append(row)
             window = self.history[-cfg.log_every:]
-            bar.set_postfix({k: f"{np.nanmean([h[k] for h in window]):.3f}"
-                             for k in self.logged_keys("loss", "patch_acc", "answer_acc", "finding_recall")})
+            bar.set_postfix({k: f"{mean:.3f}" for k in ("loss", "patch_acc", "answer_acc", "finding_recall")
+                             if (mean := mean_of(window, k)) is not None})
             bar.update(1)
         bar.close()
         self.finish()
         return self.history
-
-    def logged_keys(self, *keys: str) -> tuple[str, ...]:
-        """``keys`` without the finding-head figures when this run has no finding head."""
-        return keys if self.n_finding_types else tuple(k for k in keys if not k.startswith("finding_"))
 
     def finish(self) -> Path:
         """OmniCT directory (pretrained tower, fresh projector / OSE / LLM) + stage-0 summary and history."""
@@ -390,9 +396,9 @@ class VisionPretrainer:
             "questions": sum(len(i.questions) for i in self.images), "organ_groups": [g for g, _ in ORGAN_GROUPS],
             "train_seconds": round(self.elapsed_s, 1), "torch_threads": torch.get_num_threads(),
             "finding_types": list(FINDING_TYPES[:self.n_finding_types]),
-            "last_10pct": {k: float(np.nanmean([h[k] for h in tail])) for k in self.logged_keys(
-                "loss", "patch_loss", "answer_loss", "patch_acc", "answer_acc", "finding_loss", "finding_recall")
-            } if tail else None,
+            "last_10pct": {k: mean for k in ("loss", "patch_loss", "answer_loss", "patch_acc", "answer_acc",
+                                             "finding_loss", "finding_recall")
+                           if (mean := mean_of(tail, k)) is not None} if tail else None,
         }
         (self.out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (self.out_dir / "loss_history.json").write_text(json.dumps(self.history))
