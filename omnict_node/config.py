@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -133,6 +133,9 @@ class ModelSettings(Section):
     protocol: Path | None = Field(None, description="Question protocol (TOML); default: workers/protocols/default.toml.")
     max_new_tokens: int = 24
     report_max_new_tokens: int = 160
+    closed_answers: Literal["rank", "generate"] = Field(
+        "rank", description="Protocol (yes/no) questions: 'rank' answers with the likelier of Yes / No under the model "
+                            "(always a valid answer); 'generate' keeps the model's greedy text.")
     device: str = "cpu"
     segmentation_backend: str = Field("classical", description="'classical' (no weights) or 'totalsegmentator'.")
     totalseg_weights: Path | None = Field(None, description="Local TotalSegmentator weights folder (never downloaded).")

@@ -397,8 +397,23 @@ def _expected_answers(groups: dict[str, list[Intent]]) -> list[str]:
 def format_choices(stem: str, options: Sequence[str], correct: str) -> tuple[str, str]:
     """A multiple-choice question and its answer: ``('stem\\nA. x\\nB. y\\n<instruction>', 'B. y')``
     for ``correct == 'y'``. The lettered form every MC sample's human and gpt turns use."""
-    lines = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
-    return f"{stem}\n{lines}\n{CHOICE_INSTRUCTION}", f"{LETTERS[list(options).index(correct)]}. {correct}"
+    lines = "\n".join(lettered_options(options))
+    return f"{stem}\n{lines}\n{CHOICE_INSTRUCTION}", lettered_options(options)[list(options).index(correct)]
+
+
+def lettered_options(options: Sequence[str]) -> list[str]:
+    """``['x', 'y']`` -> ``['A. x', 'B. y']``: the option lines of a question, and the answers they allow."""
+    return [f"{LETTERS[i]}. {option}" for i, option in enumerate(options)]
+
+
+def answer_candidates(sample: dict) -> list[str] | None:
+    """Every answer a closed question allows, in the form the model was trained to give (``Yes`` / ``No``; the
+    lettered options of a multiple-choice question); None for open questions. Ranked answering scores each."""
+    if sample.get("task_type") == "judgment":
+        return ["Yes", "No"]
+    if sample.get("task_type") == "multiple_choice":
+        return lettered_options(sample["options"])
+    return None
 
 
 def choice_stem(sample: dict) -> str:

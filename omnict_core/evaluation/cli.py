@@ -34,6 +34,8 @@ def render_report(results: dict) -> str:
     normal = results["conditions"]["normal"]
     lines = [f"model {results['model']}  (use_ose={results['use_ose']})  bench {results['data']}/{results['split']}"
              f"  samples {results['samples']}"]
+    if results.get("closed_answering") == "rank":
+        lines.append("closed questions answered by ranking their allowed answers (Yes / No, the lettered options)")
     overall = normal["overall"]
     acc = overall["accuracy"]
     lines.append(f"closed-question accuracy {acc:.3f} on {overall['closed_n']} (chance {overall['chance']:.3f})"
@@ -85,9 +87,11 @@ def render_report(results: dict) -> str:
               help="only samples of these finding types (repeatable), e.g. lung_nodule, kidney_stone")
 @click.option("--size-bucket", "size_buckets", multiple=True,
               help="only samples of these size buckets (repeatable), e.g. '<=10 mm'")
+@click.option("--closed-answers", "closed_answering", type=click.Choice(["generate", "rank"]), default="generate",
+              show_default=True, help="closed questions: the greedy answer, or the likeliest of the allowed answers")
 def eval_command(model_dir: Path, data_dir: Path, split: str, out_path: Path | None, robustness: bool,
                  batch_size: int, limit: int | None, threads: int | None, seed: int, tasks: tuple[str, ...],
-                 findings: tuple[str, ...], size_buckets: tuple[str, ...]) -> None:
+                 findings: tuple[str, ...], size_buckets: tuple[str, ...], closed_answering: str) -> None:
     """Evaluate a trained OmniCT on the held-out phantom benchmark."""
     import torch
 
@@ -97,7 +101,8 @@ def eval_command(model_dir: Path, data_dir: Path, split: str, out_path: Path | N
         torch.set_num_threads(threads)
     conditions = CONDITIONS if robustness else ("normal",)
     results = evaluate(model_dir, data_dir, split, conditions, batch_size=batch_size, limit=limit, seed=seed,
-                       tasks=tasks or None, where={"finding_type": findings, "size_bucket": size_buckets})
+                       tasks=tasks or None, where={"finding_type": findings, "size_bucket": size_buckets},
+                       closed_answering=closed_answering)
     report = render_report(results)
     click.echo(report)
     if out_path:

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omnict_core.data.dataset import PhantomVQADataset, VQACollator
+from omnict_core.data.dataset import IGNORE_INDEX, PhantomVQADataset, VQACollator
+from omnict_core.data.vqa import answer_candidates
 from omnict_core.evaluation.metrics import CLOSED_TASKS, OpenAnswerScorer, score_predictions, summarize
 
 MAX_NEW_TOKENS = {"judgment": 4, "multiple_choice": 12, "short_answer": 12, "report": 120}
 CONDITIONS = ("normal", "mismatch", "noise")
+CLOSED_ANSWERING = ("generate", "rank")  # closed questions: free greedy answer, or the likeliest allowed answer
 
 
 def _batches(indices: Sequence[int], size: int) -> list[list[int]]:
@@ -40,6 +42,49 @@ def generate_answers(model, tokenizer, dataset: PhantomVQADataset, indices: Sequ
         for i, row in zip(batch, new_tokens):
             answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return answers
+
+
+@torch.no_grad()
+def answer_log_likelihoods(model, batch: dict, bf16: bool = True) -> torch.Tensor:
+    """log P(answer tokens + <|im_end|> | prompt) of every row of a training-style batch (``VQACollator`` with
+    answers): one teacher-forced forward, the log-probabilities of the labelled tokens summed per row. (B,)"""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(**inputs).logits  # (B, T, V)
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T - 1)
+    return (picked * labelled).sum(dim=1)
+
+
+@torch.no_grad()
+def rank_answers(model, tokenizer, dataset: PhantomVQADataset, indices: Sequence[int], batch_size: int = 16,
+                 bf16: bool = True, progress: bool = True) -> dict[int, str]:
+    """Closed questions answered by ranking: every allowed answer (``vqa.answer_candidates``: Yes / No, or the
+    lettered options) is scored by ``answer_log_likelihoods`` and the likeliest is the answer (first on a tie).
+    The same rule as ``OmniCTEngine`` with ``Question.choices``."""
+    from tqdm import tqdm
+
+    collator = VQACollator(tokenizer, model.config, with_answers=True)
+    pairs = []  # (index, candidate)
+    for i in indices:
+        candidates = answer_candidates(dataset.samples[i])
+        if not candidates:
+            raise ValueError(f"sample {dataset.samples[i]['id']}: ranked answering needs a closed question")
+        pairs += [(i, candidate) for candidate in candidates]
+    scores: dict[int, list[tuple[float, str]]] = {}
+    for batch in tqdm(_batches(pairs, batch_size), desc="rank", disable=not progress):
+        items = []
+        for i, candidate in batch:
+            item = dataset[i]
+            sample = item["sample"]
+            turns = [sample["conversations"][0], {"from": "gpt", "value": candidate}]
+            items.append({**item, "sample": {**sample, "conversations": turns}})
+        for (i, candidate), score in zip(batch, answer_log_likelihoods(model, collator(items), bf16).tolist()):
+            scores.setdefault(i, []).append((score, candidate))
+    return {i: max(ranked, key=lambda pair: pair[0])[1] for i, ranked in scores.items()}
 
 
 def derangement(groups: dict[str, list[int]], rng: np.random.Generator, key_of) -> dict[int, int]:
@@ -93,10 +138,13 @@ def select_samples(samples: Sequence[dict], where: dict[str, Sequence[str]] | No
 def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "bench", conditions: Sequence[str] = CONDITIONS,
              batch_size: int = 16, limit: int | None = None, bf16: bool = True, seed: int = 0,
              progress: bool = True, tasks: Sequence[str] | None = None,
-             where: dict[str, Sequence[str]] | None = None) -> dict:
+             where: dict[str, Sequence[str]] | None = None, closed_answering: str = "generate") -> dict:
     """Scores of ``model_dir`` on ``data_dir``/``split`` under each condition (robustness on closed questions).
     ``tasks`` keeps only those task types; ``where`` keeps samples whose field (e.g. ``finding_type``,
-    ``size_bucket``) is one of the given values; ``limit`` then keeps the first N samples."""
+    ``size_bucket``) is one of the given values; ``limit`` then keeps the first N samples. ``closed_answering``
+    'rank' answers closed questions with the likeliest allowed answer (``rank_answers``) instead of generating."""
+    if closed_answering not in CLOSED_ANSWERING:
+        raise ValueError(f"closed_answering must be one of {CLOSED_ANSWERING}, got {closed_answering!r}")
     from omnict_core.data.dataset import read_jsonl
     from omnict_core.modeling_omnict import load_omnict
 
@@ -107,16 +155,22 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "bench", 
     dataset = PhantomVQADataset(data_dir, split=split, max_samples=limit, samples=samples)
     all_indices = list(range(len(dataset)))
     closed = [i for i in all_indices if dataset.samples[i]["task_type"] in CLOSED_TASKS]
+    closed_set = set(closed)
     scorer = OpenAnswerScorer()
     results: dict = {"model": str(model_dir), "data": str(data_dir), "split": split, "samples": len(dataset),
                      "where": {k: list(v) for k, v in (where or {}).items() if v},
-                     "use_ose": bool(model.config.use_ose), "conditions": {}}
+                     "use_ose": bool(model.config.use_ose), "closed_answering": closed_answering,
+                     "conditions": {}}
     predictions_out: list[dict] = []
     for condition in conditions:
         indices = all_indices if condition == "normal" else closed
         apply_condition(dataset, condition, indices, seed)
         started = time.perf_counter()
-        answers = generate_answers(model, tokenizer, dataset, indices, batch_size, bf16, progress)
+        ranked = [i for i in indices if i in closed_set] if closed_answering == "rank" else []
+        ranked_set = set(ranked)
+        generated = [i for i in indices if i not in ranked_set]
+        answers = generate_answers(model, tokenizer, dataset, generated, batch_size, bf16, progress)
+        answers.update(rank_answers(model, tokenizer, dataset, ranked, batch_size, bf16, progress) if ranked else {})
         elapsed = time.perf_counter() - started
         samples = [dataset.samples[i] for i in indices]
         preds = [answers[i] for i in indices]

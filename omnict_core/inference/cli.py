@@ -1,9 +1,10 @@
 """``omnict-node ask``: answer questions about a CT (DICOM folder, NIfTI, NRRD, one slice) with an OmniCT checkpoint.
 
-    omnict-node ask STUDY_DIR -q "liver::Is there a focal lesion?" -q "Is there free fluid?" [--report] [--json]
+    omnict-node ask STUDY_DIR -q "liver::Is there a focal lesion?" -q "Is there free fluid?||Yes|No" [--report] [--json]
 
 ``organ::question`` selects the organ whose mask feeds OSE (a label name of the label map; 'kidneys' matches both
-sides). Label map: ``--labels`` (NIfTI/NRRD/.npy on the source grid, TotalSegmentator `total` names unless
+sides). ``question||a|b|c`` makes it a closed question answered with the likeliest of the answers a, b, c
+(``Question.choices``; ``--json`` gives each one's log-likelihood). Label map: ``--labels`` (NIfTI/NRRD/.npy on the source grid, TotalSegmentator `total` names unless
 ``--label-names`` gives a JSON {id: name}); a phantom study folder's own ``labels.npy`` is used automatically.
 Without a label map every question uses the whole-body OSE tokens.
 """
@@ -23,12 +24,15 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "omni
 
 
 def parse_question(text: str):
+    """``[organ::]question[||choice|choice...]`` -> Question."""
     from omnict_core.inference.engine import Question
 
+    text, has_choices, choice_text = text.partition("||")
+    choices = tuple(c.strip() for c in choice_text.split("|")) if has_choices else None
     organ, sep, question = text.partition("::")
     if not sep:
-        return Question(text.strip())
-    return Question(question.strip(), organ.strip() or None)
+        return Question(text.strip(), choices=choices)
+    return Question(question.strip(), organ.strip() or None, choices=choices)
 
 
 def _label_source(source: Path, labels: Path | None, label_names: Path | None):
@@ -50,7 +54,8 @@ def _label_source(source: Path, labels: Path | None, label_names: Path | None):
 
 @click.command("ask")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("-q", "--question", "questions", multiple=True, help="Question; 'organ::question' selects the OSE organ.")
+@click.option("-q", "--question", "questions", multiple=True,
+              help="Question; 'organ::question' selects the OSE organ, 'question||Yes|No' ranks the given answers.")
 @click.option("--report", "with_report", is_flag=True, help="Also generate a long-form report.")
 @click.option("--checkpoint", "-m", type=click.Path(path_type=Path), default=None,
               help="OmniCT checkpoint directory (default: the model.checkpoint setting, else "
@@ -87,7 +92,11 @@ def ask(node, source: Path, questions: tuple[str, ...], with_report: bool, check
         study = prepare_input(source, engine.config, labels=label_source, label_names=names)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         raise click.ClickException(f"cannot read {source}: {exc}") from exc
-    answers = engine.ask(study, [parse_question(q) for q in questions], with_relevance=not no_relevance)
+    try:
+        parsed = [parse_question(q) for q in questions]
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    answers = engine.ask(study, parsed, with_relevance=not no_relevance)
     if with_report:
         answers.append(engine.report(study, max_new_tokens=report_tokens, with_relevance=not no_relevance))
     if as_json:

@@ -56,6 +56,15 @@ class Question:
     text: str
     organ: str | tuple[str, ...] | None = None  # label name(s) of the study's label map (e.g. 'liver'); None = whole body
     max_new_tokens: int | None = None
+    # Closed question: the answers it allows (e.g. ('Yes', 'No'), or 'A. x', 'B. y' for lettered options). The
+    # engine then ranks them by the model's likelihood instead of generating: the answer is always one of them.
+    choices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.choices is not None:
+            self.choices = tuple(self.choices)
+            if len(self.choices) < 2 or not all(c.strip() for c in self.choices):
+                raise ValueError(f"choices must be two or more non-empty answers, got {self.choices!r}")
 
 
 @dataclass
@@ -69,6 +78,8 @@ class Answer:
     key_slices: list[int] = field(default_factory=list)  # source slice indices of the key units
     key_sop_instance_uids: list[str] = field(default_factory=list)  # their SOPInstanceUIDs (DICOM series input)
     finished: bool = True  # False when max_new_tokens cut the answer
+    # With Question.choices: per choice, log P(choice tokens + <|im_end|> | prompt) under the model (natural log)
+    choice_log_likelihoods: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -196,6 +207,11 @@ class OmniCTEngine:
                 raise ValueError(f"question {q.text!r} does not tokenise after the shared prefix")
             suffixes.append(full[prefix_len:])
         limits = [q.max_new_tokens or max_new_tokens or self.max_new_tokens for q in questions]
+        free = [row for row, q in enumerate(questions) if not q.choices]  # generated
+        ranked = [row for row, q in enumerate(questions) if q.choices]  # one of their choices, by likelihood
+        choice_ids = {row: [self._choice_ids(c) for c in questions[row].choices] for row in ranked}
+        decode_room = sum(limits[row] for row in free) * (2 if self.draft_tokens else 1)
+        branch_room = sum(len(ids) for branches in choice_ids.values() for ids in branches)
 
         # One prefix per organ group (same length P: L + L_c visual tokens).
         keys = [self._label_ids(study, q.organ) if self.config.use_ose else None for q in questions]
@@ -208,7 +224,7 @@ class OmniCTEngine:
         split = next((i for i, t in enumerate(prefix) if t in organ_ids), prefix_len)
 
         tree = _Tree(self.device, capacity=split + len(organs) * (prefix_len - split) + sum(map(len, suffixes))
-                     + sum(limits) * (2 if self.draft_tokens else 1), group_of=group_of, groups=len(organs))
+                     + decode_room + branch_room, group_of=group_of, groups=len(organs))
         cache = lean.empty_cache(1, tree.capacity, embeds.dtype, self.device)
         # 1. shared part (system turn, user header, the L global visual tokens): once, plain causal
         lean.forward(embeds[:1, :split], tree.add_shared(split), cache, 0, None, logits=False)
@@ -226,23 +242,87 @@ class OmniCTEngine:
         last_t = torch.tensor(last, device=self.device)
         logits = lean.forward(torch.cat(pieces)[None], tree.position[start:tree.length][None], cache, start,
                               tree.packed_mask(start), select=last_t - start, record=queries)
-        next_pos = torch.tensor([prefix_len + len(s) for s in suffixes], device=self.device)
-        generated, trace = self._greedy_decode(logits, cache, tree, last, next_pos, limits, queries)
+        next_pos = [prefix_len + len(s) for s in suffixes]
+        self.last_decode = DecodeStats()
+        generated: list[list[int]] = [[] for _ in questions]
+        trace = [[] for _ in questions] if with_relevance else None
+        if free:
+            self._greedy_decode(*_rows_of(logits, queries, free), cache, tree, free, last, next_pos, limits,
+                                generated, trace)
+        likelihoods = self._rank_choices(*_rows_of(logits, queries, ranked), cache, tree, ranked, choice_ids, last,
+                                         next_pos, generated, trace) if ranked else {}
 
         answers = []
-        for q, tokens in zip(questions, generated):
+        for row, (q, tokens) in enumerate(zip(questions, generated)):
             finished = bool(tokens) and tokens[-1] == self.eos_id
             text_ids = tokens[:-1] if finished else tokens
-            answers.append(Answer(question=q.text, organ=q.organ, token_ids=text_ids, finished=finished,
-                                  text=self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()))
+            text = q.choices[likelihoods[row].index(max(likelihoods[row]))] if q.choices else \
+                self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+            answers.append(Answer(question=q.text, organ=q.organ, token_ids=text_ids, finished=finished, text=text,
+                                  choice_log_likelihoods=likelihoods.get(row, [])))
         if with_relevance:
             self._attach_relevance(answers, trace, cache, tree, prefix, study)
         return answers
 
-    def _greedy_decode(self, logits: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]], tree: "_Tree",
-                       columns: list[int], next_pos: torch.Tensor, limits: Sequence[int], queries: list | None
-                       ) -> tuple[list[list[int]], list[list[tuple[int, list[torch.Tensor]]]] | None]:
-        """Batched greedy decoding, with drafts when the engine has a drafter.
+    def _choice_ids(self, choice: str) -> list[int]:
+        """A choice's answer tokens, as training encodes an answer (``encode_example``), without the eos."""
+        ids = self.tokenizer.encode(choice, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"choice {choice!r} has no tokens")
+        return ids
+
+    def _rank_choices(self, logits: torch.Tensor, queries: list | None, cache: list[tuple[torch.Tensor, torch.Tensor]],
+                      tree: "_Tree", rows: Sequence[int], choice_ids: dict[int, list[list[int]]],
+                      columns: list[int], next_pos: list[int], generated: list[list[int]],
+                      trace: list[list[tuple[int, list[torch.Tensor]]]] | None) -> dict[int, list[float]]:
+        """Closed questions: score every choice of every row in ONE packed pass and answer with the likeliest.
+
+        Each choice is a branch after its question: its tokens t_1..t_n at the positions greedy decoding would give
+        them, each seeing its question's sequence and the earlier tokens of its own branch only (``_Tree.add_branch``).
+        log P(choice) = log p(t_1 | prompt) (``logits``: the question's last position, row i of ``rows``)
+        + sum_k log p(t_k+1 | .. t_k) + log p(eos | .. t_n) — the probability of generating exactly that answer.
+        Writes the best choice's tokens + eos to ``generated[row]`` (first choice on a tie) and, with ``trace``, the
+        positions that produced them (the branch's columns join the row's sequence for the relevance read-out).
+        Returns every row's log-likelihoods, in choice order."""
+        lean = self._lean
+        start = tree.length
+        tokens: list[int] = []
+        spans: dict[int, list[int]] = {}  # row -> offset of each of its branches in the packed pass
+        for row in rows:
+            for ids in choice_ids[row]:
+                spans.setdefault(row, []).append(len(tokens))
+                tree.add_branch(row, range(next_pos[row], next_pos[row] + len(ids)))
+                tokens += ids
+        record = [None] * lean.num_layers if queries is not None else None
+        branch_logits = lean.forward(lean.embed(torch.tensor([tokens], device=self.device)),
+                                     tree.position[start:tree.length][None], cache, start, tree.packed_mask(start),
+                                     record=record)
+        first = torch.log_softmax(logits.float(), dim=-1)  # (rows, V): p(t_1 | prompt)
+        after = torch.log_softmax(branch_logits.float(), dim=-1)  # (T, V): p(next | .. t_k)
+        likelihoods: dict[int, list[float]] = {}
+        for i, row in enumerate(rows):
+            scores = []
+            for offset, ids in zip(spans[row], choice_ids[row]):
+                targets = torch.tensor(ids[1:] + [self.eos_id], device=self.device)
+                steps = torch.arange(offset, offset + len(ids), device=self.device)
+                scores.append(float(first[i, ids[0]] + after[steps, targets].sum()))
+            likelihoods[row] = scores
+            best = scores.index(max(scores))
+            ids, offset = choice_ids[row][best], spans[row][best]
+            generated[row] = ids + [self.eos_id]
+            if trace is not None:
+                branch = list(range(start + offset, start + offset + len(ids)))
+                tree.join(row, branch)
+                trace[row] = [(columns[row], [q[i] for q in queries])] + \
+                    [(column, [r[offset + k] for r in record]) for k, column in enumerate(branch)]
+        return likelihoods
+
+    def _greedy_decode(self, logits: torch.Tensor, queries: list | None,
+                       cache: list[tuple[torch.Tensor, torch.Tensor]], tree: "_Tree", rows: Sequence[int],
+                       columns: list[int], next_pos: list[int], limits: Sequence[int], generated: list[list[int]],
+                       trace: list[list[tuple[int, list[torch.Tensor]]]] | None) -> None:
+        """Batched greedy decoding of the questions ``rows`` (their first-token ``logits`` and recorded ``queries``,
+        row i of each for ``rows[i]``), with drafts when the engine has a drafter.
 
         Each step feeds, for every unfinished answer, its newest token followed by up to ``draft_tokens`` draft
         tokens (``AnswerDrafter``) as one packed sequence, each token seeing only its own prompt and answer. The
@@ -250,22 +330,19 @@ class OmniCTEngine:
         one more answer token, and so on. The first draft token that differs and everything after it are hidden
         from later tokens (``_Tree.hide``): every kept token is exactly what one-token-at-a-time greedy decoding
         produces, in fewer passes. An answer leaves when it emits eos or reaches its limit. ``columns``: the buffer
-        column of the position that produced each row's first token; ``next_pos``: each row's next position id.
-        With ``queries`` (relevance) it also returns, per answer, the column and the per-layer queries of every
-        position that produced one of its tokens."""
+        column of the position that produced each question's first token; ``next_pos``: each question's next
+        position id (both indexed by question). Appends each answer's tokens to ``generated[row]`` and, with
+        ``trace`` (relevance), the column and the per-layer queries of every position that produced one of them."""
         lean = self._lean
-        batch = logits.shape[0]
-        generated: list[list[int]] = [[] for _ in range(batch)]
-        trace = [[] for _ in range(batch)] if queries is not None else None
         # one run per unfinished answer in the pass just computed:
         # (row, index of its first output, its buffer columns, the draft tokens fed after its newest token, position)
-        runs = [(row, row, [columns[row]], [], position - 1) for row, position in enumerate(next_pos.tolist())]
-        draft_room = sum(limits) if self.draft_tokens else 0  # the buffer holds this many draft columns
-        stats = self.last_decode = DecodeStats()
+        runs = [(row, i, [columns[row]], [], next_pos[row] - 1) for i, row in enumerate(rows)]
+        draft_room = sum(limits[row] for row in rows) if self.draft_tokens else 0  # draft columns in the buffer
+        stats = self.last_decode
         while True:
             predicted = logits.argmax(dim=-1).tolist()
             tokens: list[int] = []
-            rows: list[int] = []
+            token_rows: list[int] = []
             positions: list[int] = []
             next_runs = []
             for row, offset, run_columns, draft, position in runs:
@@ -285,19 +362,18 @@ class OmniCTEngine:
                 next_runs.append((row, len(tokens), new_draft, position))
                 fed = [answer[-1], *new_draft]
                 tokens += fed
-                rows += [row] * len(fed)
+                token_rows += [row] * len(fed)
                 positions += range(position, position + len(fed))
             if not next_runs:
                 break
             start = tree.length
             position_t = torch.tensor(positions, device=self.device)
-            mask = tree.add_tokens(torch.tensor(rows, device=self.device), position_t)
+            mask = tree.add_tokens(torch.tensor(token_rows, device=self.device), position_t)
             runs = [(row, offset, list(range(start + offset, start + offset + 1 + len(draft))), draft, position)
                     for row, offset, draft, position in next_runs]
             logits = lean.forward(lean.embed(torch.tensor([tokens], device=self.device)), position_t[None], cache,
                                   start, mask, record=queries)
             stats.passes += 1
-        return generated, trace
 
     def _accept(self, predicted: list[int], draft: list[int], answer: list[int], limit: int) -> int:
         """Append to ``answer`` the tokens the model produced for one run (its newest token + ``draft``): the
@@ -348,6 +424,13 @@ class OmniCTEngine:
                 answer.key_sop_instance_uids = [study.slice_uids[k] for k in answer.key_slices]
 
 
+def _rows_of(logits: torch.Tensor, queries: list | None, rows: Sequence[int]
+             ) -> tuple[torch.Tensor, list | None]:
+    """The first-token logits and recorded per-layer queries of the questions ``rows`` (of the packed pass)."""
+    index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
+    return logits.index_select(0, index), None if queries is None else [q.index_select(0, index) for q in queries]
+
+
 class _Tree:
     """Column layout of the packed KV buffer (batch 1) that holds all questions of one ask() as a tree:
     shared prefix | each organ group's own prefix tokens | each question | answer tokens as they are generated.
@@ -387,6 +470,20 @@ class _Tree:
         span = self._span(positions)
         self.sees[row, span] = True
         self._packed.append((self.sees[row], span.stop - span.start))
+
+    def add_branch(self, row: int, positions: Sequence[int]) -> None:
+        """Scratch columns after question ``row`` (one choice of a closed question): they see the row's sequence
+        and their own branch, and nothing sees them (``row``'s ``sees`` is not set; ``join`` adopts the chosen
+        branch)."""
+        span = self._span(positions)
+        own = self.sees[row].clone()
+        own[span] = True
+        self._packed.append((own, span.stop - span.start))
+
+    def join(self, row: int, columns: Sequence[int]) -> None:
+        """Columns of a branch become part of question ``row``'s sequence (its chosen answer)."""
+        if columns:
+            self.sees[row, columns[0]: columns[-1] + 1] = True
 
     def packed_mask(self, start: int) -> torch.Tensor:
         """bool (1, 1, T, length) for the T columns added since ``start`` by add_group / add_row."""

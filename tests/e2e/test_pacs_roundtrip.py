@@ -21,6 +21,7 @@ from db.models import (Delivery, Finding, OrganMeasurement, PipelineRun, ResultO
 from db.session import session_scope
 from omnict_core.phantom import PhantomSpec, generate_study, write_dicom_study
 from tests.e2e.conftest import make_site
+from workers.stages.infer import REPORT_QUESTION_ID
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +82,9 @@ def test_phantom_study_from_orthanc_comes_back_as_sr_seg_kos(site, tmp_path):
     # the SEG and the measurement SR came from the side tasks the segment stage dispatched through Celery
     assert side_tasks == {"seg_object": "ok", "measurements": "ok"}
     effusion = findings["pleural_effusion_right"]
+    # protocol questions are ranked by default (model.closed_answers): every answer is Yes or No, and coded as such
+    asked = [f for question_id, f in findings.items() if question_id != REPORT_QUESTION_ID]
+    assert asked and all(f.answer in ("Yes", "No") and f.positive == (f.answer == "Yes") for f in asked)
     assert effusion.code_value == "60046008" and effusion.organ == "lung_right"
     findings_sr = next(o for o in objects if o.kind == "findings_sr")
     sr_file = tmp_path / "findings.dcm"

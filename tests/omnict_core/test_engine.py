@@ -116,6 +116,8 @@ def test_engine_slices_and_ose_off(trained):
 
 
 def test_ask_command_on_a_dicom_folder(trained, tmp_path):
+    import json
+
     from click.testing import CliRunner
 
     from omnict_core.phantom import PhantomSpec, generate_study, write_dicom_study
@@ -128,10 +130,17 @@ def test_ask_command_on_a_dicom_folder(trained, tmp_path):
     args = ["ask", str(tmp_path / "study"), "-m", str(tmp_path / "ckpt"), "--max-new-tokens", "4"]
     result = runner.invoke(main, [*args, "-q", "liver::Is there a lesion in the liver?", "--json"])
     assert result.exit_code == 0, result.output
-    payload = __import__("json").loads(result.output[result.output.index("{"):])
+    payload = json.loads(result.output[result.output.index("{"):])
     answer = payload["answers"][0]
     assert payload["kind"] == "3d" and answer["organ"] == "liver" and len(answer["unit_relevance"]) == 4
     assert len(answer["key_sop_instance_uids"]) == len(answer["key_slices"]) > 0  # key images as DICOM references
+    ranked = runner.invoke(main, [*args, "-q", "liver::Is there a lesion in the liver?|| Yes | No", "--json"])
+    assert ranked.exit_code == 0, ranked.output
+    answer = json.loads(ranked.output[ranked.output.index("{"):])["answers"][0]
+    assert answer["organ"] == "liver" and answer["question"] == "Is there a lesion in the liver?"
+    assert answer["text"] in ("Yes", "No") and len(answer["choice_log_likelihoods"]) == 2
+    lone = runner.invoke(main, [*args, "-q", "Is there a lesion?||Yes"])
+    assert lone.exit_code != 0 and "two or more" in lone.output
     missing = runner.invoke(main, ["ask", str(tmp_path / "study"), "-m", str(tmp_path / "none"), "-q", "Q?"])
     assert missing.exit_code != 0 and "checkpoint not found" in missing.output
     (tmp_path / "junk").mkdir()
@@ -284,3 +293,63 @@ def test_drafts_save_passes_and_change_no_token_or_relevance(sharp, study, tmp_p
     from_dir = OmniCTEngine(tmp_path / "ckpt", max_new_tokens=16)
     assert from_dir.drafter is not None
     assert [a.token_ids for a in from_dir.ask(study, QUESTIONS, with_relevance=False)] == reference
+
+
+def _choice_log_likelihood(model, tokenizer, study, question, choice):
+    """The definition: one plain forward over the whole prompt + choice + <|im_end|>, the log-probabilities of the
+    choice tokens and the end token summed."""
+    from omnict_core.tokenization_omnict import encode_example
+
+    example = encode_example(tokenizer, model.config, study.kind, question.text, choice, num_units=study.num_units)
+    prompt = [t for t, label in zip(example.input_ids, example.labels) if label == -100]
+    answer = example.input_ids[len(prompt):]
+    label_ids = study.organ_label_ids(question.organ) or None
+    mask = study.organ_mask(label_ids) if label_ids else None
+    with torch.no_grad():
+        embeds = torch.cat([
+            model.prepare_inputs_embeds(torch.tensor([prompt]), study.pixel_units[None],
+                                        organ_masks=None if mask is None else [mask]),
+            model.get_input_embeddings()(torch.tensor([answer[:-1]], dtype=torch.long))], dim=1)
+        log_probs = torch.log_softmax(model(inputs_embeds=embeds).logits[0, -len(answer):].float(), dim=-1)
+    return float(log_probs[torch.arange(len(answer)), torch.tensor(answer)].sum())
+
+
+CLOSED = [
+    Question("Is there a lesion in the liver?", "liver", choices=("Yes", "No")),
+    Question("Describe the kidneys.", "kidneys", max_new_tokens=5),  # generated, between two ranked questions
+    Question("Which organ?", None, choices=("A. liver", "B. spleen", "C. left kidney", "D. the right kidney")),
+    Question("What is the spleen attenuation?", "spleen", choices=("About 48 HU.", "About 20 HU.")),
+]
+
+
+def test_ranked_choices_equal_a_forward_per_choice_and_leave_generated_answers_alone(sharp, study):
+    """A question with ``choices`` is answered with its likeliest choice: the engine's log-likelihood of each choice
+    (scored as branches of one packed pass) equals a plain forward over prompt + choice; a generated question asked
+    in the same call still equals ``generate()``; the relevance of a ranked answer is that of its chosen tokens."""
+    model, tokenizer = sharp
+    engine = OmniCTEngine(model, tokenizer, max_new_tokens=16)
+    answers = engine.ask(study, CLOSED)
+    for question, answer in zip(CLOSED, answers):
+        if question.choices is None:
+            assert answer.token_ids == baseline_generate(model, tokenizer, study, question, 5)
+            assert answer.choice_log_likelihoods == []
+            continue
+        expected = [_choice_log_likelihood(model, tokenizer, study, question, c) for c in question.choices]
+        assert answer.choice_log_likelihoods == pytest.approx(expected, abs=1e-4), question.text
+        best = int(np.argmax(expected))
+        assert answer.text == question.choices[best] and answer.finished
+        assert answer.token_ids == tokenizer.encode(question.choices[best], add_special_tokens=False)
+        generated = answer.token_ids + [engine.eos_id]
+        assert answer.unit_relevance == pytest.approx(
+            _eager_relevance(model, tokenizer, study, question, generated), abs=1e-5)
+    # the choices really compete: the scores differ, and asked alone a question gets the same scores
+    assert len(set(answers[2].choice_log_likelihoods)) == 4
+    alone = engine.ask(study, [CLOSED[2]], with_relevance=False)[0]
+    assert alone.choice_log_likelihoods == pytest.approx(answers[2].choice_log_likelihoods, abs=1e-4)
+
+
+def test_choices_are_validated():
+    with pytest.raises(ValueError, match="two or more"):
+        Question("Is there a nodule?", choices=("Yes",))
+    with pytest.raises(ValueError, match="two or more"):
+        Question("Is there a nodule?", choices=("Yes", " "))

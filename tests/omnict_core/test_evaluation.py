@@ -138,3 +138,59 @@ def test_multiple_choice_diagnostic_separates_the_named_option_from_the_letter()
     assert out["choice_letter_agrees"] == pytest.approx(2 / 4)
     judgment_only = summarize(score_predictions([{"task_type": "judgment", "answer": "Yes"}], ["Yes"]))["overall"]
     assert judgment_only["choice_n"] == 0 and judgment_only["choice_named"] is None
+
+
+def test_ranked_answers_are_the_likeliest_allowed_answer(vqa_dir, random_model_dir):
+    """Ranked answering scores every allowed answer (Yes / No, the lettered options) by its log-likelihood and
+    answers with the best; the batched scores equal the model's own loss on each candidate alone (n x mean NLL)."""
+    import torch
+
+    from omnict_core.data.dataset import PhantomVQADataset, VQACollator
+    from omnict_core.data.vqa import answer_candidates
+    from omnict_core.evaluation.runner import answer_log_likelihoods, rank_answers
+    from omnict_core.modeling_omnict import load_omnict
+
+    model, tokenizer = load_omnict(random_model_dir)
+    dataset = PhantomVQADataset(vqa_dir, "bench")
+    closed = [i for i, s in enumerate(dataset.samples) if answer_candidates(s)]
+    picked = [i for i in closed if dataset.samples[i]["task_type"] == "judgment"][:3] + \
+             [i for i in closed if dataset.samples[i]["task_type"] == "multiple_choice"][:3]
+    assert len(picked) == 6
+    answers = rank_answers(model, tokenizer, dataset, picked, batch_size=5, bf16=False, progress=False)
+    collator = VQACollator(tokenizer, model.config, with_answers=True)
+    for i in picked:
+        item = dataset[i]
+        candidates = answer_candidates(item["sample"])
+        scores = []
+        for candidate in candidates:
+            turns = [item["sample"]["conversations"][0], {"from": "gpt", "value": candidate}]
+            batch = collator([{**item, "sample": {**item["sample"], "conversations": turns}}])
+            with torch.no_grad():
+                loss = model(**batch).loss  # mean NLL over the labelled tokens (HF's own loss)
+            labelled = int((batch["labels"] != -100).sum())
+            scores.append(float(answer_log_likelihoods(model, batch, bf16=False)[0]))
+            assert scores[-1] == pytest.approx(-float(loss) * labelled, rel=1e-4)
+        assert answers[i] == candidates[int(np.argmax(scores))]
+    assert {answers[i] for i in picked[:3]} <= {"Yes", "No"}
+
+
+def test_eval_command_ranks_closed_answers(vqa_dir, random_model_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from omnict_core.data.dataset import read_jsonl
+    from omnict_core.data.vqa import answer_candidates
+    from omnict_core.evaluation.cli import eval_command
+
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(eval_command, ["--model", str(random_model_dir), "--bench", str(vqa_dir), "--limit",
+                                               "8", "--closed-answers", "rank", "--no-robustness", "--out", str(out),
+                                               "--threads", "1", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert "answered by ranking" in result.output
+    data = json.loads(out.read_text())
+    assert data["closed_answering"] == "rank"
+    samples = {s["id"]: s for s in read_jsonl(vqa_dir / "bench.jsonl")}
+    closed = [p for p in data["predictions"] if answer_candidates(samples[p["id"]])]
+    assert closed and all(p["prediction"] in answer_candidates(samples[p["id"]]) for p in closed)

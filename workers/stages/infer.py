@@ -77,7 +77,10 @@ def infer(context: StageContext) -> dict:
     battery = protocol.battery(labels.values())
     # The report is one more question of the same call: the image is encoded and the prefix prefilled once.
     report_question = Question(protocol.report_prompt, None, context.settings.model.report_max_new_tokens)
-    *answers, report = engine.ask(study, [Question(q.text, organ=region) for q, region in battery] + [report_question])
+    # Protocol questions are yes/no: ranked, the answer is always one of the two (the likelier under the model).
+    choices = ("Yes", "No") if context.settings.model.closed_answers == "rank" else None
+    questions = [Question(q.text, organ=region, choices=choices) for q, region in battery]
+    *answers, report = engine.ask(study, questions + [report_question])
 
     assembled = context.results["assemble"]
     rows = []
