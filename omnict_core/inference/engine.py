@@ -22,7 +22,9 @@ For one study the engine
    up in the training answers' n-grams, and every draft token that equals the model's own greedy choice is one pass
    saved (the others are hidden from later tokens): the same tokens in fewer passes. The Qwen2 decoder runs in a
    lean loop of our own on the model's weights (``LeanQwen2``: same operations, none of HF generate's per-step
-   machinery);
+   machinery). A closed question (``Question.choices``, e.g. Yes / No) is not decoded: every choice is a branch after its
+   question, all branches of all such questions are scored in one packed pass, and the answer is the choice with
+   the highest log P(choice + eos | prompt) (``_rank_choices``);
 6. optionally computes, per answer, the relevance of each reconstruction unit: the attention (eager definition:
    softmax(q k^T / sqrt(d) + mask), fp32) from the positions that produced the answer tokens to the global visual
    tokens, averaged over layers and heads, summed per unit and normalised, recomputed from the queries and keys the
