@@ -397,8 +397,8 @@ def _expected_answers(groups: dict[str, list[Intent]]) -> list[str]:
 def format_choices(stem: str, options: Sequence[str], correct: str) -> tuple[str, str]:
     """A multiple-choice question and its answer: ``('stem\\nA. x\\nB. y\\n<instruction>', 'B. y')``
     for ``correct == 'y'``. The lettered form every MC sample's human and gpt turns use."""
-    lines = "\n".join(lettered_options(options))
-    return f"{stem}\n{lines}\n{CHOICE_INSTRUCTION}", lettered_options(options)[list(options).index(correct)]
+    lettered = lettered_options(options)
+    return f"{stem}\n" + "\n".join(lettered) + f"\n{CHOICE_INSTRUCTION}", lettered[list(options).index(correct)]
 
 
 def lettered_options(options: Sequence[str]) -> list[str]:
