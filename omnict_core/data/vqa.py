@@ -178,8 +178,11 @@ class Intent:
     extra: dict = field(default_factory=dict)
 
 
+JUDGMENT_ANSWERS = ("Yes", "No")  # the answers of every yes/no question, as the model is trained to give them
+
+
 def _yes_no(flag: bool) -> str:
-    return "Yes" if flag else "No"
+    return JUDGMENT_ANSWERS[0] if flag else JUDGMENT_ANSWERS[1]
 
 
 PRESENCE_TEMPLATES_2D = ("Is there a {f} in the {r} on this slice?", "Does this CT slice show a {f} in the {r}?")
@@ -388,7 +391,7 @@ def balance(intents: list[Intent], rng: np.random.Generator, cap_per_answer: int
 def _expected_answers(groups: dict[str, list[Intent]]) -> list[str]:
     sample = next(iter(groups.values()))[0]
     if sample.task_type == "judgment":
-        return ["Yes", "No"]
+        return list(JUDGMENT_ANSWERS)
     if sample.extra.get("n_options"):  # organ MC: any organ can be right; balance over those that occur
         return sorted(groups)
     return list(sample.options or sorted(groups))
@@ -410,7 +413,7 @@ def answer_candidates(sample: dict) -> list[str] | None:
     """Every answer a closed question allows, in the form the model was trained to give (``Yes`` / ``No``; the
     lettered options of a multiple-choice question); None for open questions. Ranked answering scores each."""
     if sample.get("task_type") == "judgment":
-        return ["Yes", "No"]
+        return list(JUDGMENT_ANSWERS)
     if sample.get("task_type") == "multiple_choice":
         return lettered_options(sample["options"])
     return None

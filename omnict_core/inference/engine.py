@@ -251,14 +251,14 @@ class OmniCTEngine:
         if free:
             self._greedy_decode(*_rows_of(logits, queries, free), cache, tree, free, last, next_pos, limits,
                                 generated, trace)
-        likelihoods = self._rank_choices(*_rows_of(logits, queries, ranked), cache, tree, ranked, choice_ids, last,
-                                         next_pos, generated, trace) if ranked else {}
+        likelihoods, chosen = self._rank_choices(*_rows_of(logits, queries, ranked), cache, tree, ranked, choice_ids,
+                                                 last, next_pos, generated, trace) if ranked else ({}, {})
 
         answers = []
         for row, (q, tokens) in enumerate(zip(questions, generated)):
             finished = bool(tokens) and tokens[-1] == self.eos_id
             text_ids = tokens[:-1] if finished else tokens
-            text = q.choices[likelihoods[row].index(max(likelihoods[row]))] if q.choices else \
+            text = q.choices[chosen[row]] if q.choices else \
                 self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
             answers.append(Answer(question=q.text, organ=q.organ, token_ids=text_ids, finished=finished, text=text,
                                   choice_log_likelihoods=likelihoods.get(row, [])))
@@ -276,7 +276,8 @@ class OmniCTEngine:
     def _rank_choices(self, logits: torch.Tensor, queries: list | None, cache: list[tuple[torch.Tensor, torch.Tensor]],
                       tree: "_Tree", rows: Sequence[int], choice_ids: dict[int, list[list[int]]],
                       columns: list[int], next_pos: list[int], generated: list[list[int]],
-                      trace: list[list[tuple[int, list[torch.Tensor]]]] | None) -> dict[int, list[float]]:
+                      trace: list[list[tuple[int, list[torch.Tensor]]]] | None
+                      ) -> tuple[dict[int, list[float]], dict[int, int]]:
         """Closed questions: score every choice of every row in ONE packed pass and answer with the likeliest.
 
         Each choice is a branch after its question: its tokens t_1..t_n at the positions greedy decoding would give
@@ -285,7 +286,7 @@ class OmniCTEngine:
         + sum_k log p(t_k+1 | .. t_k) + log p(eos | .. t_n) — the probability of generating exactly that answer.
         Writes the best choice's tokens + eos to ``generated[row]`` (first choice on a tie) and, with ``trace``, the
         positions that produced them (the branch's columns join the row's sequence for the relevance read-out).
-        Returns every row's log-likelihoods, in choice order."""
+        Returns every row's log-likelihoods, in choice order, and the index of its chosen choice."""
         lean = self._lean
         start = tree.length
         tokens: list[int] = []
@@ -302,6 +303,7 @@ class OmniCTEngine:
         first = torch.log_softmax(logits.float(), dim=-1)  # (rows, V): p(t_1 | prompt)
         after = torch.log_softmax(branch_logits.float(), dim=-1)  # (T, V): p(next | .. t_k)
         likelihoods: dict[int, list[float]] = {}
+        chosen: dict[int, int] = {}
         for i, row in enumerate(rows):
             scores = []
             for offset, ids in zip(spans[row], choice_ids[row]):
@@ -309,7 +311,7 @@ class OmniCTEngine:
                 steps = torch.arange(offset, offset + len(ids), device=self.device)
                 scores.append(float(first[i, ids[0]] + after[steps, targets].sum()))
             likelihoods[row] = scores
-            best = scores.index(max(scores))
+            best = chosen[row] = scores.index(max(scores))
             ids, offset = choice_ids[row][best], spans[row][best]
             generated[row] = ids + [self.eos_id]
             if trace is not None:
@@ -317,7 +319,7 @@ class OmniCTEngine:
                 tree.join(row, branch)
                 trace[row] = [(columns[row], [q[i] for q in queries])] + \
                     [(column, [r[offset + k] for r in record]) for k, column in enumerate(branch)]
-        return likelihoods
+        return likelihoods, chosen
 
     def _greedy_decode(self, logits: torch.Tensor, queries: list | None,
                        cache: list[tuple[torch.Tensor, torch.Tensor]], tree: "_Tree", rows: Sequence[int],

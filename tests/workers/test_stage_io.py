@@ -232,3 +232,17 @@ def test_the_series_headers_read_by_assemble_serve_later_stages_until_a_file_cha
     fresh = assemble_stage.source_series(context)
     assert fresh is not cached
     assert fresh.dataset_for(str(replaced.SOPInstanceUID)).SeriesDescription == "re-sent"
+
+
+def test_protocol_questions_are_ranked_yes_no_unless_generation_is_configured() -> None:
+    """model.closed_answers: 'rank' gives every protocol question the two trained answers as its choices (the engine
+    then answers with the likelier); 'generate' leaves them free."""
+    from workers.protocol import load_protocol
+    from workers.stages.infer import battery_questions
+
+    protocol = load_protocol()
+    battery = [(q, q.roi) for q in protocol.questions[:3]]
+    ranked = battery_questions(battery, "rank")
+    assert [(q.text, q.organ) for q in ranked] == [(p.text, p.roi) for p in protocol.questions[:3]]
+    assert all(q.choices == ("Yes", "No") for q in ranked)
+    assert all(q.choices is None for q in battery_questions(battery, "generate"))

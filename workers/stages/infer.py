@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import delete
@@ -23,6 +24,9 @@ from workers.pipeline import PermanentStageError, StageContext, WorkerResources
 from workers.protocol import judgment, load_protocol
 from workers.stages.assemble import load_assembled_volume
 from workers.stages.segment import load_label_map
+
+if TYPE_CHECKING:
+    from omnict_core.inference.engine import Question
 
 log = logging.getLogger("omnict.stage.infer")
 
@@ -52,6 +56,16 @@ def engine_for(resources: WorkerResources):
         f"engine:{path}", lambda: OmniCTEngine(path, device=model.device, max_new_tokens=model.max_new_tokens))
 
 
+def battery_questions(battery, closed_answers: str) -> "list[Question]":
+    """The engine's questions for a protocol battery ``[(ProtocolQuestion, region)]``. The protocol's questions are
+    yes/no: ranked (``model.closed_answers = "rank"``), each allows exactly the two trained answers."""
+    from omnict_core.data.vqa import JUDGMENT_ANSWERS
+    from omnict_core.inference.engine import Question
+
+    choices = JUDGMENT_ANSWERS if closed_answers == "rank" else None
+    return [Question(q.text, organ=region, choices=choices) for q, region in battery]
+
+
 def plane_to_sop_uid(assembled: dict, plane: int) -> str | None:
     """SOP Instance UID of the source image at volume plane ``plane`` (nearest image when gaps were resampled)."""
     uids = assembled.get("sop_instance_uids") or []
@@ -77,9 +91,7 @@ def infer(context: StageContext) -> dict:
     battery = protocol.battery(labels.values())
     # The report is one more question of the same call: the image is encoded and the prefix prefilled once.
     report_question = Question(protocol.report_prompt, None, context.settings.model.report_max_new_tokens)
-    # Protocol questions are yes/no: ranked, the answer is always one of the two (the likelier under the model).
-    choices = ("Yes", "No") if context.settings.model.closed_answers == "rank" else None
-    questions = [Question(q.text, organ=region, choices=choices) for q, region in battery]
+    questions = battery_questions(battery, context.settings.model.closed_answers)
     *answers, report = engine.ask(study, questions + [report_question])
 
     assembled = context.results["assemble"]
