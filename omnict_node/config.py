@@ -125,7 +125,9 @@ class WorkerSettings(Section):
     task_max_retries: int = 5
     retry_backoff_s: float = 5.0
     stall_timeout_s: float = Field(120.0, ge=20.0, description="A stage whose worker sent no heartbeat (every 5 s) for this "
-                                                               "long is run again (its worker died).")
+                                                               "long is run again (its worker died); a run untouched this long after a "
+                                                               "stage finished or after its dispatch gets its next stage again (the "
+                                                               "message was lost).")
 
 
 class ModelSettings(Section):

@@ -1,7 +1,8 @@
 """The Celery application: broker choice, queues and delivery guarantees.
 
-Embedded mode (default) uses kombu's filesystem transport under ``<data_dir>/broker`` — a real Celery worker
-process, no servers. Production uses Redis (``workers.broker_url = "redis://..."``).
+Embedded mode (default) uses kombu's filesystem transport under ``<data_dir>/broker``, made safe against torn
+messages (:mod:`workers.broker`): a real Celery worker process, no servers. Production uses Redis
+(``workers.broker_url = "redis://..."``).
 
 Guarantees are not left to the broker alone: the database is the record of every run's state, stages are
 idempotent, and the node re-dispatches runs that are complete but undispatched (see dicom_node.completeness).
@@ -44,6 +45,7 @@ def make_celery(settings: Settings) -> Celery:
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_url"] = "filesystem://localhost//"
+        conf["broker_transport"] = "workers.broker:Transport"  # kombu's, with whole messages only (see there)
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),

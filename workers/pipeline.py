@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import PipelineRun, RunState, StageRecord, Study, utcnow
@@ -348,12 +348,46 @@ class Heartbeat:
                 log.debug("heartbeat failed", exc_info=True)
 
 
-def stalled_runs(session: Session, stall_after_s: float) -> list[tuple[int, Stage]]:
-    """Runs inside a stage whose heartbeat is older than ``stall_after_s``: (run id, the stage to run again)."""
-    by_state = {stage.state: stage for stage in _stages()}
+@dataclass(frozen=True)
+class StalledRun:
+    """A run no worker has touched for the stall timeout, and the stage to dispatch again (see :func:`stalled_runs`)."""
+
+    run_id: int
+    stage: Stage
+    reason: str  # "heartbeat" (its worker died mid-stage), "handoff" or "dispatch" (a message was lost)
+
+
+def stalled_runs(session: Session, stall_after_s: float) -> list[StalledRun]:
+    """Runs the workers have not touched for ``stall_after_s``, each with the stage that takes it on:
+
+    * inside a stage whose heartbeat stopped (its worker was killed): that stage again, which resumes;
+    * a stage done whose message to the next stage was lost: the next stage;
+    * complete and dispatched, but its first stage never started (the message was lost): the first stage.
+
+    A run whose message only waits in a busy queue gets a second one; that is harmless: a stage claims its run with a
+    conditional state change, so the later of the two messages is a no-op.
+    """
+    stages = _stages()
+    by_state = {stage.state: stage for stage in stages}
     cutoff = utcnow() - dt.timedelta(seconds=stall_after_s)
     rows = session.execute(
         select(PipelineRun.id, PipelineRun.state)
-        .where(PipelineRun.state.in_(list(by_state)), PipelineRun.updated_at < cutoff)
+        .where(PipelineRun.updated_at < cutoff,
+               or_(PipelineRun.state.in_(list(by_state)),
+                   and_(PipelineRun.state == RunState.COMPLETE, PipelineRun.dispatched_at.is_not(None))))
     ).all()
-    return [(run_id, by_state[state]) for run_id, state in rows]
+    stalled: list[StalledRun] = []
+    for run_id, state in rows:
+        if state == RunState.COMPLETE:
+            stalled.append(StalledRun(run_id, stages[0], "dispatch"))
+            continue
+        stage = by_state[state]
+        last_outcome = session.scalar(
+            select(StageRecord.outcome).where(StageRecord.run_id == run_id, StageRecord.stage == stage.name)
+            .order_by(StageRecord.id.desc()).limit(1))
+        following = next_stage(stage)
+        if last_outcome == "ok" and following is not None:
+            stalled.append(StalledRun(run_id, following, "handoff"))
+        else:
+            stalled.append(StalledRun(run_id, stage, "heartbeat"))
+    return stalled
