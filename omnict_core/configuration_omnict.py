@@ -82,6 +82,10 @@ class OmniCTConfig(PretrainedConfig):
     # Local directories of pretrained components (HF format). None = random init (tests, tiny model).
     vision_model_path: str | None = None
     text_model_path: str | None = None
+    # Random-init towers only: widths of a convolutional stem that replaces SigLIP's linear patch embedding (two 3x3
+    # convolutions per width at full resolution, 2x2 max pooling between widths, then a strided convolution to d_v:
+    # "early convolutions", Xiao et al. 2021). None = SigLIP's own patch embedding (the paper's; every preset).
+    vision_stem_widths: Any = None
     # --- VSC: volumes are resampled to volume_depth x image_size x image_size, 3 slices per unit ---
     volume_depth: int = 32
     slices_per_unit: int = 3
@@ -118,6 +122,7 @@ class OmniCTConfig(PretrainedConfig):
         self.tpe_dims = list(self.tpe_dims) if self.tpe_dims is not None else [64, 64, 64]
         self.ose_grid_2d = list(self.ose_grid_2d) if self.ose_grid_2d is not None else [1, 9, 9]
         self.ose_grid_3d = list(self.ose_grid_3d) if self.ose_grid_3d is not None else [10, 3, 3]
+        self.vision_stem_widths = list(self.vision_stem_widths) if self.vision_stem_widths else None
         super().__post_init__(**kwargs)
         self._validate()
 
@@ -126,6 +131,14 @@ class OmniCTConfig(PretrainedConfig):
             raise ValueError(f"tpe_dims must be three even widths (d_z, d_y, d_x), got {self.tpe_dims}")
         if len(self.ose_grid_2d) != 3 or len(self.ose_grid_3d) != 3:
             raise ValueError("ose_grid_2d / ose_grid_3d must be (depth, height, width) grids")
+        if self.vision_stem_widths:
+            pooled = 2 ** (len(self.vision_stem_widths) - 1)
+            if self.patch_size % pooled:
+                raise ValueError(f"a stem of {len(self.vision_stem_widths)} widths pools by {pooled}, which does not "
+                                 f"divide the patch size {self.patch_size}")
+            if self.vision_model_path:
+                raise ValueError("vision_stem_widths is for a randomly initialised tower; a pretrained SigLIP "
+                                 "(vision_model_path) keeps its own patch embedding")
         grid = self.patch_grid
         for m in (self.unshuffle_2d, self.unshuffle_3d):
             if grid % m:

@@ -49,6 +49,46 @@ from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------- SCE / TPE
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel: (N, C, H, W) -> (N, C, H, W). Unlike GroupNorm / BatchNorm it uses
+    no statistics across pixels or images, so a pixel's features depend on its receptive field only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvStemPatchEmbedding(nn.Module):
+    """Replaces SigLIP's linear patch embedding (one K x K, stride-K convolution) in a randomly initialised tower:
+    ``widths`` stages of two 3x3 convolutions (per-pixel LayerNorm, GELU) at full resolution, 2x2 max pooling between stages,
+    then a convolution of kernel = stride = K / 2^(stages - 1) to d_v. Why: a from-scratch ViT reads a finding of a
+    few pixels poorly through a linear 8 x 8 patch (model card, "Small findings"), while a small CNN on the same
+    pixels reads it; max pooling keeps a small bright spot that averaging dilutes.
+
+    (N, 3, S, S) -> (N, d_v, S/K, S/K), as SigLIP's embedding layer expects of ``patch_embedding``."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int], hidden_size: int, patch_size: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for index, width in enumerate(widths):
+            if index:
+                layers.append(nn.MaxPool2d(2))  # (N, c, s, s) -> (N, c, s/2, s/2)
+            for _ in range(2):
+                layers += [nn.Conv2d(previous, width, 3, padding=1), ChannelLayerNorm(width), nn.GELU()]
+                previous = width
+        self.stem = nn.Sequential(*layers)  # (N, 3, S, S) -> (N, c_last, S/2^(n-1), S/2^(n-1))
+        stride = patch_size // 2 ** (len(widths) - 1)
+        self.projection = nn.Conv2d(previous, hidden_size, stride, stride=stride)  # -> (N, d_v, S/K, S/K)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """SigLIP's embedding layer reads ``patch_embedding.weight.dtype`` to cast its input."""
+        return self.projection.weight
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.stem(pixels))
+
+
 def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Transformer sin/cos code of integer ``positions`` (n,) -> (n, dim)."""
     half = dim // 2
@@ -186,6 +226,10 @@ class OmniCTForConditionalGeneration(OmniCTPreTrainedModel):
     def __init__(self, config: OmniCTConfig) -> None:
         super().__init__(config)
         self.vision_tower = SiglipVisionModel(config.vision_config)  # phi_v
+        if config.vision_stem_widths:
+            vision = config.vision_config
+            self.vision_tower.set_input_embeddings(ConvStemPatchEmbedding(
+                vision.num_channels, config.vision_stem_widths, vision.hidden_size, vision.patch_size))
         self.tpe = TriAxialPositionalEmbedding(config.tpe_dims)
         self.projector = MoEHybridProjection(config)  # psi (W_s, W_v, W_share)
         self.ose = OrganSemanticEnhancement(config)

@@ -7,7 +7,7 @@ import torch
 
 from omnict_core.configuration_omnict import OmniCTConfig, omnict_preset
 from omnict_core.modeling_omnict import (
-    OmniCTForConditionalGeneration, TriAxialPositionalEmbedding, build_model, load_omnict, save_omnict,
+    ConvStemPatchEmbedding, OmniCTForConditionalGeneration, TriAxialPositionalEmbedding, build_model, load_omnict, save_omnict,
     token_unshuffle,
 )
 from omnict_core.tokenization_omnict import (
@@ -194,6 +194,32 @@ def test_save_load_identical_logits(tiny, tokenizer, tmp_path):
     assert OmniCTConfig.from_pretrained(tmp_path / "ckpt").ose_grid_3d == [2, 3, 3]
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_omnict(tmp_path / "missing")
+
+
+def test_conv_stem_replaces_the_patch_embedding_and_survives_save_load(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("tiny", tokenizer, vision_stem_widths=[8, 16, 16]).eval()
+    stem = model.vision_tower.get_input_embeddings()
+    assert isinstance(stem, ConvStemPatchEmbedding)
+    units = torch.rand(2, 3, model.config.image_size, model.config.image_size) * 2 - 1
+    grid = model.config.patch_grid
+    assert stem(units).shape == (2, model.config.vision_config.hidden_size, grid, grid)  # K = 2 pools x stride 2
+    # a bright spot of 2 x 2 pixels (in token (5, 5)) moves only the tokens whose receptive field holds it: no
+    # statistics across pixels (the receptive field reaches about 17 pixels, two tokens, to each side)
+    spot = units.clone()
+    spot[:, :, 40:42, 40:42] = 1.0
+    with torch.no_grad():
+        changed = (stem(spot) - stem(units)).abs().amax(dim=(0, 1)) > 0  # (h, w)
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    assert changed[5, 5] and int(changed.sum()) < grid * grid // 4
+    assert (rows - 5).abs().max() <= 2 and (cols - 5).abs().max() <= 2
+    batch = volume_batch(model, tokenizer)
+    save_omnict(model, tokenizer, tmp_path / "stem")
+    loaded, _ = load_omnict(tmp_path / "stem")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+    with pytest.raises(ValueError, match="does not divide the patch size 8"):
+        omnict_preset("tiny", vision_stem_widths=[8, 8, 8, 8, 8])
 
 
 def test_ose_on_off_per_sample_and_by_config(tiny, tokenizer):
