@@ -220,6 +220,8 @@ def test_conv_stem_replaces_the_patch_embedding_and_survives_save_load(tokenizer
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
     with pytest.raises(ValueError, match="does not divide the patch size 8"):
         omnict_preset("tiny", vision_stem_widths=[8, 8, 8, 8, 8])
+    with pytest.raises(ValueError, match="keeps its own patch embedding"):
+        omnict_preset("tiny", vision_stem_widths=[8], vision_model_path=str(tmp_path / "siglip"))
 
 
 def test_ose_on_off_per_sample_and_by_config(tiny, tokenizer):
