@@ -361,7 +361,7 @@ def stalled_runs(session: Session, stall_after_s: float) -> list[StalledRun]:
     """Runs the workers have not touched for ``stall_after_s``, each with the stage that takes it on:
 
     * inside a stage whose heartbeat stopped (its worker was killed): that stage again, which resumes;
-    * a stage done whose message to the next stage was lost: the next stage;
+    * a stage done (its attempt ok and its output recorded) whose message to the next stage was lost: the next stage;
     * complete and dispatched, but its first stage never started (the message was lost): the first stage.
 
     A run whose message only waits in a busy queue gets a second one; that is harmless: a stage claims its run with a
@@ -371,13 +371,13 @@ def stalled_runs(session: Session, stall_after_s: float) -> list[StalledRun]:
     by_state = {stage.state: stage for stage in stages}
     cutoff = utcnow() - dt.timedelta(seconds=stall_after_s)
     rows = session.execute(
-        select(PipelineRun.id, PipelineRun.state)
+        select(PipelineRun.id, PipelineRun.state, PipelineRun.result)
         .where(PipelineRun.updated_at < cutoff,
                or_(PipelineRun.state.in_(list(by_state)),
                    and_(PipelineRun.state == RunState.COMPLETE, PipelineRun.dispatched_at.is_not(None))))
     ).all()
     stalled: list[StalledRun] = []
-    for run_id, state in rows:
+    for run_id, state, result in rows:
         if state == RunState.COMPLETE:
             stalled.append(StalledRun(run_id, stages[0], "dispatch"))
             continue
@@ -386,7 +386,7 @@ def stalled_runs(session: Session, stall_after_s: float) -> list[StalledRun]:
             select(StageRecord.outcome).where(StageRecord.run_id == run_id, StageRecord.stage == stage.name)
             .order_by(StageRecord.id.desc()).limit(1))
         following = next_stage(stage)
-        if last_outcome == "ok" and following is not None:
+        if last_outcome == "ok" and following is not None and stage.name in (result or {}):
             stalled.append(StalledRun(run_id, following, "handoff"))
         else:
             stalled.append(StalledRun(run_id, stage, "heartbeat"))

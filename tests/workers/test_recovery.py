@@ -71,11 +71,12 @@ def test_an_unreadable_message_is_set_aside_and_the_next_one_is_delivered(tmp_pa
 
 
 def _run(session, state: RunState, minutes_untouched: float, dispatched: bool = True,
-         stage_outcomes: tuple[tuple[str, str], ...] = ()) -> int:
+         stage_outcomes: tuple[tuple[str, str], ...] = (), result: dict | None = None) -> int:
     study = Study(study_instance_uid=generate_uid(), modalities="CT")
     session.add(study)
     session.flush()
-    run = PipelineRun(study_id=study.id, run_number=1, state=state, dispatched_at=utcnow() if dispatched else None)
+    run = PipelineRun(study_id=study.id, run_number=1, state=state, dispatched_at=utcnow() if dispatched else None,
+                      result=result)
     session.add(run)
     session.flush()
     for stage, outcome in stage_outcomes:
@@ -89,7 +90,10 @@ def _run(session, state: RunState, minutes_untouched: float, dispatched: bool = 
 def test_watchdog_dispatches_the_stage_that_takes_each_untouched_run_on(session_factory, caplog) -> None:
     with session_factory() as session:
         lost_dispatch = _run(session, RunState.COMPLETE, 5)
-        lost_handoff = _run(session, RunState.ASSEMBLING, 5, stage_outcomes=(("assemble", "ok"),))
+        lost_handoff = _run(session, RunState.ASSEMBLING, 5, stage_outcomes=(("assemble", "ok"),),
+                            result={"assemble": {"shape_zyx": [6, 32, 32]}})
+        # killed between recording the attempt ok and recording its output: the stage runs again
+        died_before_output = _run(session, RunState.ASSEMBLING, 5, stage_outcomes=(("assemble", "ok"),))
         died_mid_stage = _run(session, RunState.SEGMENTING, 5, stage_outcomes=(("assemble", "ok"), ("segment", "running")))
         died_in_retry = _run(session, RunState.INFERRING, 5, stage_outcomes=(("infer", "ok"), ("infer", "retry")))
         _run(session, RunState.COMPLETE, 5, dispatched=False)  # the sweeper's: not dispatched yet
@@ -100,9 +104,11 @@ def test_watchdog_dispatches_the_stage_that_takes_each_untouched_run_on(session_
     dispatched: list[tuple[int, str]] = []
     watchdog = StallWatchdog(session_factory, 120.0, lambda run_id, stage: dispatched.append((run_id, stage.name)))
     with caplog.at_level(logging.WARNING, logger="omnict.watchdog"):
-        assert sorted(watchdog.check_once()) == sorted([lost_dispatch, lost_handoff, died_mid_stage, died_in_retry])
+        assert sorted(watchdog.check_once()) == sorted([lost_dispatch, lost_handoff, died_before_output, died_mid_stage,
+                                                        died_in_retry])
     assert sorted(dispatched) == sorted([(lost_dispatch, "assemble"), (lost_handoff, "segment"),
-                                         (died_mid_stage, "segment"), (died_in_retry, "infer")])
+                                         (died_before_output, "assemble"), (died_mid_stage, "segment"),
+                                         (died_in_retry, "infer")])
     assert f"pipeline.stage.stalled run_id={lost_handoff} stage=segment reason=handoff" in caplog.text
     assert f"pipeline.stage.stalled run_id={lost_dispatch} stage=assemble reason=dispatch" in caplog.text
     assert f"pipeline.stage.stalled run_id={died_mid_stage} stage=segment reason=heartbeat" in caplog.text
