@@ -120,6 +120,12 @@ class EncodedExample:
     labels: list[int]
 
 
+def answer_token_ids(tokenizer: PreTrainedTokenizerFast, answer: str) -> list[int]:
+    """The ids of an answer's text as training labels them (before the closing ``<|im_end|>``); ranked answering
+    scores exactly these."""
+    return tokenizer.encode(answer, add_special_tokens=False)
+
+
 def encode_example(tokenizer: PreTrainedTokenizerFast, config: OmniCTConfig, kind: str, question: str,
                    answer: str | None = None, num_units: int | None = None, use_ose: bool | None = None,
                    system_prompt: str = SYSTEM_PROMPT) -> EncodedExample:
@@ -135,7 +141,7 @@ def encode_example(tokenizer: PreTrainedTokenizerFast, config: OmniCTConfig, kin
     prompt_ids = expand_placeholders(prompt_ids, config, kind, num_units, use_ose)
     if answer is None:
         return EncodedExample(prompt_ids, [IGNORE_INDEX] * len(prompt_ids))
-    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(IM_END)]
+    answer_ids = answer_token_ids(tokenizer, answer) + [tokenizer.convert_tokens_to_ids(IM_END)]
     return EncodedExample(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
 
 

@@ -75,10 +75,13 @@ def rank_answers(model, tokenizer, dataset: PhantomVQADataset, indices: Sequence
             raise ValueError(f"sample {dataset.samples[i]['id']}: ranked answering needs a closed question")
         pairs += [(i, candidate) for candidate in candidates]
     scores: dict[int, list[tuple[float, str]]] = {}
+    loaded: tuple[int, dict] | None = None  # a question's candidates are adjacent: its image is prepared once
     for batch in tqdm(_batches(pairs, batch_size), desc="rank", disable=not progress):
         items = []
         for i, candidate in batch:
-            item = dataset[i]
+            if loaded is None or loaded[0] != i:
+                loaded = (i, dataset[i])
+            item = loaded[1]
             sample = item["sample"]
             turns = [sample["conversations"][0], {"from": "gpt", "value": candidate}]
             items.append({**item, "sample": {**sample, "conversations": turns}})
@@ -166,9 +169,9 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "bench", 
         indices = all_indices if condition == "normal" else closed
         apply_condition(dataset, condition, indices, seed)
         started = time.perf_counter()
-        ranked = [i for i in indices if i in closed_set] if closed_answering == "rank" else []
-        ranked_set = set(ranked)
-        generated = [i for i in indices if i not in ranked_set]
+        by_rank = closed_set if closed_answering == "rank" else set()
+        ranked = [i for i in indices if i in by_rank]
+        generated = [i for i in indices if i not in by_rank]
         answers = generate_answers(model, tokenizer, dataset, generated, batch_size, bf16, progress)
         answers.update(rank_answers(model, tokenizer, dataset, ranked, batch_size, bf16, progress) if ranked else {})
         elapsed = time.perf_counter() - started

@@ -48,7 +48,7 @@ from omnict_core.configuration_omnict import IM_END
 from omnict_core.inference.drafting import AnswerDrafter
 from omnict_core.modeling_omnict import OmniCTForConditionalGeneration, load_omnict
 from omnict_core.preprocessing import PreparedStudy
-from omnict_core.tokenization_omnict import encode_example, expand_placeholders, prompt_prefix
+from omnict_core.tokenization_omnict import answer_token_ids, encode_example, expand_placeholders, prompt_prefix
 
 REPORT_PROMPT = "Write a radiology report for this CT: findings and impression."
 
@@ -267,8 +267,8 @@ class OmniCTEngine:
         return answers
 
     def _choice_ids(self, choice: str) -> list[int]:
-        """A choice's answer tokens, as training encodes an answer (``encode_example``), without the eos."""
-        ids = self.tokenizer.encode(choice, add_special_tokens=False)
+        """A choice's answer tokens, as training labels an answer, without the eos."""
+        ids = answer_token_ids(self.tokenizer, choice)
         if not ids:
             raise ValueError(f"choice {choice!r} has no tokens")
         return ids
